@@ -1,0 +1,5 @@
+"""stpredict.pp."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

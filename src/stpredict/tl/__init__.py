@@ -1,0 +1,5 @@
+"""stpredict.tl."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
