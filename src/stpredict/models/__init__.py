@@ -1,5 +1,24 @@
-"""stpredict.models."""
+"""Models: PixNet, the baselines, and checkpoint loading. torch loads only when a model is used."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from typing import Any
+
+from .._lazy import lazy_getattr
+
+_LAZY = {
+    "DenseModel": "._base",
+    "EmbeddingRidge": "._baselines",
+    "PixNet": "._pixnet",
+    "SpotCNN": "._baselines",
+    "load": "._io",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_getattr(__name__, globals(), _LAZY, name)
+
+
+def __dir__() -> list[str]:
+    return __all__

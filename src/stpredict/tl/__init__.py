@@ -1,5 +1,23 @@
-"""stpredict.tl."""
+"""Tools: dense prediction, aggregation into tables, evaluation."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from typing import Any
+
+from .._lazy import lazy_getattr
+
+_LAZY = {
+    "aggregate": "._aggregate",
+    "evaluate": "._evaluate",
+    "evaluate_across_scales": "._evaluate",
+    "predict_dense": "._predict_dense",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_getattr(__name__, globals(), _LAZY, name)
+
+
+def __dir__() -> list[str]:
+    return __all__
