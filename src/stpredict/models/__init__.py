@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._lazy import lazy_getattr
+from stpredict._lazy import lazy_getattr
 
 _LAZY = {
     "DenseModel": "._base",
