@@ -1,0 +1,290 @@
+from __future__ import annotations
+
+import math
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import stpredict as st
+import stpredict.tl as tl
+from stpredict._errors import InputError
+from stpredict.tl._evaluate import METRIC_LABELS, EvaluationResult, _unit_index
+
+
+def _table(x, *, ids=None, rows=None, cols=None, genes=None, region="bins", sparse_x=False):
+    n, g = x.shape
+    obs = pd.DataFrame(index=[f"u{i}" for i in range(n)])
+    obs["instance_id"] = np.arange(n) if ids is None else ids
+    obs["region"] = pd.Categorical([region] * n)
+    if rows is not None:
+        obs["array_row"] = np.asarray(rows, dtype=np.int64)
+        obs["array_col"] = np.asarray(cols, dtype=np.int64)
+    var = pd.DataFrame(index=genes if genes is not None else [f"g{j}" for j in range(g)])
+    x = sparse.csr_matrix(x.astype(np.float32)) if sparse_x else x
+    adata = ad.AnnData(x, obs=obs, var=var)
+    adata.uns["spatialdata_attrs"] = {"region": region, "region_key": "region", "instance_key": "instance_id"}
+    return adata
+
+
+def ref_pcc(a, b):
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@pytest.fixture
+def pair(rng):
+    rows, cols = np.divmod(np.arange(144), 12)
+    y = rng.gamma(2.0, size=(144, 30))
+    y_hat = 0.7 * y + rng.normal(scale=0.8, size=y.shape)
+    return y, y_hat, rows, cols
+
+
+def test_evaluate_matches_reference(pair):
+    y, y_hat, rows, cols = pair
+    pred = _table(y_hat, rows=rows, cols=cols)
+    truth = _table(y, rows=rows, cols=cols, sparse_x=True)
+    y = truth.X.toarray().astype(np.float64)
+    res = st.tl.evaluate(pred, truth)
+    assert isinstance(res, EvaluationResult)
+    pcc = np.array([ref_pcc(y[:, g], y_hat[:, g]) for g in range(30)])
+    np.testing.assert_allclose(res.per_gene["pcc"], pcc, atol=1e-10)
+    filled = np.nan_to_num(pcc, nan=-1)
+    assert res.summary["pcc_f"] == pytest.approx(np.percentile(filled, 25))
+    assert res.summary["pcc_s"] == pytest.approx(np.median(filled))
+    assert res.summary["pcc_m"] == pytest.approx(filled.mean())
+    assert res.summary["mse"] == pytest.approx(((y - y_hat) ** 2).mean())
+    assert res.summary["mae"] == pytest.approx(np.abs(y - y_hat).mean())
+    spot = [ref_pcc(y[n], y_hat[n]) for n in range(144)]
+    assert res.summary["spot_pcc"] == pytest.approx(np.mean(spot))
+    assert np.isfinite(res.per_gene["ssim"]).all()
+    assert math.isnan(res.summary["pcc_h"])
+    assert res.params["n_units"] == 144
+    assert res.params["n_genes"] == 30
+    frame = res.to_frame()
+    assert list(frame["metric"]) == list(res.summary.index)
+    assert "NOT comparable" in METRIC_LABELS["spot_pcc"]
+    assert "not a PixNet metric" in METRIC_LABELS["pcc_h"]
+
+
+def test_perfect_anti_and_constant_predictions(pair):
+    y, _, rows, cols = pair
+    truth = _table(y, rows=rows, cols=cols)
+    perfect = st.tl.evaluate(_table(y.copy(), rows=rows, cols=cols), truth)
+    assert perfect.summary["pcc_m"] == pytest.approx(1.0)
+    assert perfect.summary["pcc_f"] == pytest.approx(1.0)
+    assert perfect.summary["mse"] == 0.0
+    assert perfect.summary["ssim_m"] == pytest.approx(1.0)
+    anti = st.tl.evaluate(_table(-y, rows=rows, cols=cols), truth)
+    assert anti.summary["pcc_m"] == pytest.approx(-1.0)
+    assert anti.summary["spearman_m"] == pytest.approx(-1.0)
+    const = _table(np.ones_like(y), rows=rows, cols=cols)
+    assert st.tl.evaluate(const, truth).summary["pcc_m"] == -1.0
+    assert math.isnan(st.tl.evaluate(const, truth, nan_policy="omit").summary["pcc_m"])
+    assert math.isnan(st.tl.evaluate(const, truth, nan_policy="propagate").summary["pcc_s"])
+
+
+def test_nan_policy_on_partly_constant_prediction(pair):
+    y, y_hat, rows, cols = pair
+    y_hat = y_hat.copy()
+    y_hat[:, :5] = 3.0
+    pred, truth = _table(y_hat), _table(y)
+    pcc = np.array([ref_pcc(y[:, g], y_hat[:, g]) for g in range(30)])
+    r_omit = st.tl.evaluate(pred, truth, nan_policy="omit")
+    assert r_omit.summary["pcc_m"] == pytest.approx(np.nanmean(pcc))
+    assert r_omit.summary["pcc_f"] == pytest.approx(np.nanpercentile(pcc, 25))
+    r_pub = st.tl.evaluate(pred, truth)
+    assert r_pub.summary["pcc_m"] == pytest.approx(np.nan_to_num(pcc, nan=-1).mean())
+    assert r_pub.per_gene["pcc"].isna().sum() == 5  # the table keeps undefined correlations visible
+    assert math.isnan(r_pub.summary["ssim_m"])  # no grid indices: no SSIM
+
+
+def test_matching_by_instance_id_reorders_and_subsets(pair):
+    y, y_hat, _, _ = pair
+    truth = _table(y, ids=np.arange(144))
+    perm = np.random.default_rng(1).permutation(144)[:100]
+    pred = _table(y_hat[perm], ids=perm)
+    res = st.tl.evaluate(pred, truth)
+    assert res.params["n_units"] == 100
+    want = [ref_pcc(y[perm, g], y_hat[perm, g]) for g in range(30)]
+    np.testing.assert_allclose(res.per_gene["pcc"], want, atol=1e-10)
+
+
+def test_matching_by_position_and_gene_intersection(pair):
+    y, y_hat, rows, cols = pair
+    genes = [f"g{j}" for j in range(30)]
+    truth = _table(y, rows=rows, cols=cols, ids=np.arange(144) + 1000)
+    order = np.random.default_rng(2).permutation(144)
+    pred = _table(y_hat[order][:, ::-1], rows=rows[order], cols=cols[order], genes=genes[::-1])
+    pred = ad.concat([pred, _table(np.ones((144, 1)), genes=["extra"])[order]], axis=1, merge="first")
+    with pytest.raises(InputError, match="share no unit"):
+        st.tl.evaluate(pred, truth)
+    res = st.tl.evaluate(pred, truth, match="position")
+    assert set(res.per_gene.index) == set(genes)
+    for g in ("g0", "g7"):
+        j = int(g[1:])
+        assert res.per_gene.loc[g, "pcc"] == pytest.approx(ref_pcc(y[:, j], y_hat[:, j]))
+    sub = st.tl.evaluate(pred, truth, match="position", genes=["g3", "g4"])
+    assert list(sub.per_gene.index) == ["g3", "g4"]
+    with pytest.raises(InputError, match="not in both tables"):
+        st.tl.evaluate(pred, truth, match="position", genes=["extra"])
+
+
+def test_errors_leave_inputs_unchanged(pair):
+    y, y_hat, _, _ = pair
+    pred, truth = _table(y_hat), _table(y)
+    other = _table(y, genes=[f"h{j}" for j in range(30)])
+    with pytest.raises(InputError, match="share no gene name"):
+        st.tl.evaluate(pred, other, inplace=True)
+    assert "pcc" not in pred.var
+    assert "stpredict" not in pred.uns
+    with pytest.raises(InputError, match="array_row"):
+        st.tl.evaluate(pred, truth, match="position")
+    with pytest.raises(InputError, match="nan_policy"):
+        st.tl.evaluate(pred, truth, nan_policy="zero")
+    with pytest.raises(KeyError, match="layer"):
+        st.tl.evaluate(pred, truth, pred_layer="counts")
+    dup = _table(y, ids=np.zeros(144, dtype=int))
+    with pytest.raises(InputError, match="duplicated"):
+        st.tl.evaluate(pred, dup)
+    bad = _table(np.where(np.eye(144, 30) > 0, np.nan, y_hat))
+    with pytest.raises(InputError, match="non-finite"):
+        st.tl.evaluate(bad, truth)
+
+
+def test_region_is_matched_when_tables_hold_several(pair):
+    y, y_hat, _, _ = pair
+    truth = ad.concat([_table(y[:72], region="a"), _table(y[72:], region="b")], index_unique="-")
+    truth.uns["spatialdata_attrs"] = {"region": ["a", "b"], "region_key": "region", "instance_key": "instance_id"}
+    # Same instance ids 0..71 in both regions: ids alone are ambiguous, (region, id) pairs are not.
+    with pytest.raises(InputError, match="duplicated"):
+        _unit_index(truth, "instance_id", False, "truth")
+    pred = ad.concat([_table(y_hat[:72], region="a"), _table(y_hat[72:], region="b")], index_unique="-")
+    pred.uns["spatialdata_attrs"] = truth.uns["spatialdata_attrs"]
+    res = st.tl.evaluate(pred, truth)
+    assert res.params["n_units"] == 144
+    assert res.per_gene.loc["g0", "pcc"] == pytest.approx(ref_pcc(y[:, 0], y_hat[:, 0]))
+
+
+def test_layers_hpg_and_inplace(pair):
+    y, y_hat, rows, cols = pair
+    pred = _table(np.zeros_like(y_hat), rows=rows, cols=cols)
+    pred.layers["pred"] = y_hat
+    truth = _table(np.zeros_like(y), rows=rows, cols=cols)
+    truth.layers["counts"] = y
+    hpg = ["g1", "g2", "g5"]
+    res = st.tl.evaluate(pred, truth, pred_layer="pred", truth_layer="counts", hpg=hpg, inplace=True, key_added="k")
+    want = [ref_pcc(y[:, j], y_hat[:, j]) for j in (1, 2, 5)]
+    assert res.summary["pcc_h"] == pytest.approx(np.mean(want))
+    np.testing.assert_allclose(pred.var["pcc"].to_numpy(), res.per_gene["pcc"].to_numpy())
+    assert set(pred.var.columns) >= {"pcc", "spearman", "mse", "mae", "ssim"}
+    record = pred.uns["stpredict"]["evaluate"]["k"]
+    assert record["summary"]["pcc_m"] == pytest.approx(res.summary["pcc_m"])
+    assert record["params"]["hpg"] == hpg
+    with pytest.raises(InputError, match="highly predictive"):
+        st.tl.evaluate(pred, truth, hpg=["nope"])
+    # HPG selected over folds by the helper feeds straight into evaluate
+    folds = [res.per_gene["pcc"], res.per_gene["pcc"] + 0.01]
+    top = tl._evaluate.highly_predictive_genes(folds, n=5)
+    assert top == list(res.per_gene["pcc"].sort_values(ascending=False).index[:5])
+
+
+def test_normalize_callable_and_named(pair, monkeypatch):
+    y, y_hat, _, _ = pair
+    pred, truth = _table(y_hat + 10), _table(y)
+
+    def log1p_cpm(adata):
+        x = np.asarray(adata.X, dtype=np.float64)
+        adata.X = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)
+        return adata
+
+    res = st.tl.evaluate(pred, truth, normalize=log1p_cpm)
+    ny = log1p_cpm(_table(y)).X
+    nh = log1p_cpm(_table(y_hat + 10)).X
+    assert res.summary["mse"] == pytest.approx(((ny - nh) ** 2).mean())
+    np.testing.assert_array_equal(pred.X, y_hat + 10)  # inputs untouched
+
+    calls = []
+
+    def fake_normalize(adata, *, method, copy):
+        calls.append((method, copy))
+        return log1p_cpm(adata.copy())
+
+    import stpredict.pp as pp
+
+    monkeypatch.setattr(pp, "normalize", fake_normalize, raising=False)
+    named = st.tl.evaluate(pred, truth, normalize="log1p_cpm")
+    assert calls == [("log1p_cpm", True)] * 2
+    assert named.summary["mse"] == pytest.approx(res.summary["mse"])
+
+
+# ---------------------------------------------------------------- cross-scale protocol (aggregate monkeypatched)
+
+
+class _FakeSData:
+    def __init__(self, images, tables=None):
+        self.images = images
+        self.tables = tables or {}
+
+
+def _grid_table(values, bin_size, region):
+    """What st.tl.aggregate returns: one row per square bin of a 2-d field per gene, with grid indices."""
+    ny, nx, g = values.shape
+    k = int(bin_size)
+    by, bx = ny // k, nx // k
+    binned = values[: by * k, : bx * k].reshape(by, k, bx, k, g).mean(axis=(1, 3)).reshape(by * bx, g)
+    rows, cols = np.divmod(np.arange(by * bx), bx)
+    return _table(binned, rows=rows, cols=cols, region=region)
+
+
+def test_evaluate_across_scales_with_truth_map(monkeypatch, rng):
+    truth_map = rng.gamma(2.0, size=(64, 64, 4))
+    pred_map = truth_map + rng.normal(scale=1.0, size=truth_map.shape)
+    maps = {"pred": pred_map, "gt": truth_map}
+    calls = []
+
+    def fake_aggregate(sdata, image_key, *, bin_size=None, shapes_key=None, inplace=True, genes=None, reduce=None):
+        calls.append((image_key, bin_size, shapes_key, inplace, reduce))
+        return _grid_table(maps[image_key], bin_size, f"{image_key}_{bin_size}")
+
+    monkeypatch.setitem(vars(tl), "aggregate", fake_aggregate)  # no lazy import of the real one
+    sdata = _FakeSData({"pred": None, "gt": None})
+    df = st.tl.evaluate_across_scales(sdata, "pred", truth_map_key="gt", bin_sizes=(2, 8), reduce="mean")
+    assert set(df.columns) >= {"bin_size_um", "metric", "value", "n_units", "n_genes"}
+    assert len(df) == 2 * len(METRIC_LABELS)
+    assert all(c[3] is False and c[4] == "mean" for c in calls)
+    pcc = df[df.metric == "pcc_m"].set_index("bin_size_um")["value"]
+    for b in (2, 8):
+        want = st.tl.evaluate(_grid_table(pred_map, b, "p"), _grid_table(truth_map, b, "t"), match="position")
+        assert pcc[float(b)] == pytest.approx(want.summary["pcc_m"])
+    assert pcc[8.0] > pcc[2.0]  # averaging out independent noise raises the correlation
+    assert df[df.metric == "pcc_m"].n_units.tolist() == [32 * 32, 8 * 8]
+
+
+def test_evaluate_across_scales_with_measured_tables(monkeypatch, rng):
+    measured = {8: _table(rng.normal(size=(20, 3)), region="bins_8um"), 16: "t16"}
+    t16 = _table(rng.normal(size=(10, 3)), region="bins_16um")
+    seen = []
+
+    def fake_aggregate(sdata, image_key, *, shapes_key=None, inplace=True, genes=None, **_):
+        seen.append(shapes_key)
+        table = measured[8] if shapes_key == "bins_8um" else t16
+        return _table(np.asarray(table.X) * 2 + 1, region="he_pixnet_" + shapes_key)  # perfect up to affine
+
+    monkeypatch.setitem(vars(tl), "aggregate", fake_aggregate)  # no lazy import of the real one
+    sdata = _FakeSData({"m": None}, {"t16": t16})
+    df = st.tl.evaluate_across_scales(sdata, "m", measured)
+    assert seen == ["bins_8um", "bins_16um"]
+    assert sorted(df.bin_size_um.unique()) == [8.0, 16.0]
+    np.testing.assert_allclose(df[df.metric == "pcc_m"].value, 1.0)
+    with pytest.raises(InputError, match="No measured table"):
+        st.tl.evaluate_across_scales(sdata, "m", measured, bin_sizes=(55,))
+    with pytest.raises(InputError, match="exactly one"):
+        st.tl.evaluate_across_scales(sdata, "m")
+    with pytest.raises(KeyError, match="available images"):
+        st.tl.evaluate_across_scales(sdata, "nope", measured)
+    with pytest.raises(InputError, match="sets 'match'"):
+        st.tl.evaluate_across_scales(sdata, "m", measured, match="position")
