@@ -1,5 +1,7 @@
-"""stpredict.kernels."""
+"""Numba kernels (arrays in, arrays out) shared by :func:`stpredict.tl.aggregate` and :func:`stpredict.pp.bin`."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._aggregate import axis_table, circle_pixel_area, labels_sum, polygon_pixel_area, rect_sum, shapes_sum
+
+__all__ = ["axis_table", "circle_pixel_area", "labels_sum", "polygon_pixel_area", "rect_sum", "shapes_sum"]

@@ -1,0 +1,427 @@
+"""Numba kernels for aggregating rasters (c, y, x) into units with exact pixel-area weights.
+
+Every kernel takes plain arrays and writes into preallocated outputs, so the callers can run them block by block
+on dask-backed maps and add the partial results. Geometry is in the raster's pixel space: pixel ``(i, j)``
+covers ``[j, j+1) × [i, i+1)``. Only float32 and float64 rasters are passed in (callers cast other dtypes), so
+each kernel compiles at most twice per output dtype.
+
+Axis tables
+    A 1-D interval ``[a, b)`` clipped to ``[0, n)`` covers pixels ``lo … hi-1``; ``w_lo`` is the overlap of
+    pixel ``lo`` and ``w_hi`` that of pixel ``hi-1`` (when ``hi - lo == 1`` both equal ``b - a``); inner
+    pixels have weight 1. :func:`axis_table` builds these tables for a set of intervals. The overlap area of a
+    rectangle with a pixel is the product of the two axis overlaps, so square bins (and labels at any resolution
+    with an axis-aligned transformation) are separable weighted sums over contiguous rows.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numba
+import numpy as np
+
+__all__ = [
+    "axis_table",
+    "circle_pixel_area",
+    "labels_sum",
+    "polygon_pixel_area",
+    "rect_sum",
+    "shapes_sum",
+]
+
+_SNAP = 1e-9  # interval ends this close to an integer are snapped to it (float noise on bin edges)
+_FASTMATH = {"reassoc", "contract"}  # vectorised sums; NaN and inf keep their IEEE meaning
+
+
+def axis_table(starts: np.ndarray, ends: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel ranges and edge weights of intervals ``[starts[k], ends[k])`` clipped to ``[0, n)``.
+
+    Returns
+    -------
+    ``(lo, hi, w_lo, w_hi)``: int64 pixel range ``lo … hi-1`` per interval (``hi <= lo`` when the clipped
+    interval is empty) and float64 overlaps of the first and last pixel.
+    """
+    a = np.clip(np.asarray(starts, dtype=np.float64), 0, n)
+    b = np.clip(np.asarray(ends, dtype=np.float64), 0, n)
+    a = np.where(np.abs(a - np.round(a)) < _SNAP, np.round(a), a)
+    b = np.where(np.abs(b - np.round(b)) < _SNAP, np.round(b), b)
+    lo = np.floor(a).astype(np.int64)
+    hi = np.ceil(b).astype(np.int64)
+    empty = b <= a
+    hi = np.where(empty, lo, hi)
+    w_lo = np.where(hi - lo == 1, b - a, np.minimum(lo + 1, b) - a)
+    w_hi = np.where(hi - lo == 1, b - a, b - np.maximum(hi - 1, a))
+    w_lo = np.where(empty, 0.0, w_lo)
+    w_hi = np.where(empty, 0.0, w_hi)
+    return lo, hi, w_lo, w_hi
+
+
+@numba.njit(inline="always")
+def _row_interval(row, lo, hi, w_lo, w_hi):
+    if hi <= lo:
+        return 0.0
+    if hi - lo == 1:
+        return w_lo * row[lo]
+    s = 0.0
+    for i in range(lo + 1, hi - 1):
+        s += row[i]
+    return s + w_lo * row[lo] + w_hi * row[hi - 1]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
+def _rect_sum_parallel(img, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, out, by_off, bx_off):
+    n_c = img.shape[0]
+    nby = ylo.size
+    nbx = xlo.size
+    for t in numba.prange(n_c * nby):
+        c = t // nby
+        by = t % nby
+        acc = np.zeros(nbx, dtype=np.float64)
+        for y in range(ylo[by], yhi[by]):
+            wy = 1.0
+            if y == ylo[by]:
+                wy = ywlo[by]
+            elif y == yhi[by] - 1:
+                wy = ywhi[by]
+            row = img[c, y]
+            for bx in range(nbx):
+                acc[bx] += wy * _row_interval(row, xlo[bx], xhi[bx], xwlo[bx], xwhi[bx])
+        for bx in range(nbx):
+            out[c, by + by_off, bx + bx_off] += acc[bx]
+
+
+def _parallel_ok() -> bool:
+    """Parallel kernels are safe in this thread: main thread, or a thread-safe numba threading layer."""
+    if threading.current_thread() is threading.main_thread():
+        return True
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: the layer is chosen on first use
+        layer = numba.config.THREADING_LAYER
+    return layer in ("tbb", "omp")
+
+
+def rect_sum(
+    img: np.ndarray,
+    y_table: tuple[np.ndarray, ...],
+    x_table: tuple[np.ndarray, ...],
+    out: np.ndarray,
+    offset: tuple[int, int] = (0, 0),
+) -> None:
+    """Add ``Σ_pixels overlap(pixel, rectangle) · img[c, pixel]`` for a separable grid of rectangles to ``out``.
+
+    Parameters
+    ----------
+    img
+        ``(c, ny, nx)`` float32 or float64 raster (C-contiguous).
+    y_table, x_table
+        :func:`axis_table` of the rectangles' row and column intervals in ``img``'s pixel space.
+    out
+        ``(c, n_rows_total, n_cols_total)`` float64 accumulator; rectangle ``(r, k)`` goes to
+        ``out[:, r + offset[0], k + offset[1]]``.
+    offset
+        Position of this grid inside ``out`` (block-wise accumulation).
+    """
+    kernel = _rect_sum_parallel if _parallel_ok() else _rect_sum_serial
+    kernel(np.ascontiguousarray(img), *y_table, *x_table, out, int(offset[0]), int(offset[1]))
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
+def _labels_sum(img, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, n_chunks, buf, wbuf):
+    # buf: (n_chunks, c, n_labels); wbuf: (n_chunks, 3, n_labels) = weight, weight·x, weight·y (c == 0 only)
+    n_c = img.shape[0]
+    nly = ylo.size
+    nlx = xlo.size
+    rows_per_chunk = (nly + n_chunks - 1) // n_chunks
+    for t in numba.prange(n_c * n_chunks):
+        c = t // n_chunks
+        k = t % n_chunks
+        for ly in range(k * rows_per_chunk, min(nly, (k + 1) * rows_per_chunk)):
+            for y in range(ylo[ly], yhi[ly]):
+                wy = 1.0
+                if y == ylo[ly]:
+                    wy = ywlo[ly]
+                elif y == yhi[ly] - 1:
+                    wy = ywhi[ly]
+                row = img[c, y]
+                for lx in range(nlx):
+                    idx = lab[ly, lx]
+                    if idx < 0:
+                        continue
+                    buf[k, c, idx] += wy * _row_interval(row, xlo[lx], xhi[lx], xwlo[lx], xwhi[lx])
+                    if c == 0:
+                        x0 = xlo[lx]
+                        x1 = xhi[lx]
+                        if x1 > x0:
+                            wx = xwlo[lx] if x1 - x0 == 1 else xwlo[lx] + xwhi[lx] + (x1 - x0 - 2)
+                            w = wy * wx
+                            wbuf[k, 0, idx] += w
+                            wbuf[k, 1, idx] += w * 0.5 * (x0 + x1)
+                            wbuf[k, 2, idx] += w * (y + 0.5)
+
+
+def labels_sum(
+    img: np.ndarray,
+    lab: np.ndarray,
+    y_table: tuple[np.ndarray, ...],
+    x_table: tuple[np.ndarray, ...],
+    n_labels: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label area-weighted sums of ``img`` over label pixels mapped (axis-aligned) onto its pixel grid.
+
+    Parameters
+    ----------
+    img
+        ``(c, ny, nx)`` float32/float64 raster.
+    lab
+        ``(nly, nlx)`` int64 compact label index per label pixel, ``-1`` for background.
+    y_table, x_table
+        :func:`axis_table` of the label pixels' row/column intervals in ``img``'s pixel space.
+    n_labels
+        Number of compact labels (``lab.max() + 1``).
+
+    Returns
+    -------
+    ``sums`` of shape ``(c, n_labels)`` and ``geom`` of shape ``(3, n_labels)``: overlap area in ``img`` pixels,
+    and the area-weighted x and y of the overlapped pixels' centres (divide by the area for a centroid).
+    """
+    n_c = img.shape[0]
+    parallel = _parallel_ok()
+    n_threads = numba.get_num_threads() if parallel else 1
+    n_chunks = 1 if n_c >= n_threads else max(1, min(n_threads, lab.shape[0]))
+    buf = np.zeros((n_chunks, n_c, n_labels), dtype=np.float64)
+    wbuf = np.zeros((n_chunks, 3, n_labels), dtype=np.float64)
+    lab = np.ascontiguousarray(lab, dtype=np.int64)
+    kernel = _labels_sum if parallel else _labels_sum_serial
+    kernel(np.ascontiguousarray(img), lab, *y_table, *x_table, n_chunks, buf, wbuf)
+    return buf.sum(axis=0), wbuf.sum(axis=0)
+
+
+@numba.njit(inline="always")
+def _prim(t, r):
+    # ∫ sqrt(r² - t²) dt for t in [-r, r]
+    s = math.sqrt(max(r * r - t * t, 0.0))
+    return 0.5 * (t * s + r * r * math.asin(min(1.0, max(-1.0, t / r))))
+
+
+@numba.njit(inline="always")
+def _chord_integral(a, b, r):
+    # ∫_a^b sqrt(r² - t²) dt with a, b clamped to [-r, r]
+    a = min(max(a, -r), r)
+    b = min(max(b, -r), r)
+    if b <= a:
+        return 0.0
+    return _prim(b, r) - _prim(a, r)
+
+
+@numba.njit(cache=True)
+def _quadrant(x, y, r):
+    # Area of the disc of radius r at the origin with X <= x and Y <= y.
+    if x <= -r or y <= -r:
+        return 0.0
+    xc = min(x, r)
+    if y >= r:
+        return 2.0 * _chord_integral(-r, xc, r)
+    w = math.sqrt(r * r - y * y)
+    if y >= 0.0:
+        # integrand 2 s(t) for |t| > w, y + s(t) for |t| <= w
+        area = 2.0 * _chord_integral(-r, min(xc, -w), r)
+        if xc > -w:
+            hi = min(xc, w)
+            area += y * (hi + w) + _chord_integral(-w, hi, r)
+        if xc > w:
+            area += 2.0 * _chord_integral(w, xc, r)
+        return area
+    # y < 0: integrand y + s(t) for |t| < w, else 0
+    if xc <= -w:
+        return 0.0
+    hi = min(xc, w)
+    return y * (hi + w) + _chord_integral(-w, hi, r)
+
+
+@numba.njit(cache=True)
+def circle_pixel_area(cx, cy, r, x0, y0, x1, y1):
+    """Exact area of the disc ``(cx, cy, r)`` intersected with the rectangle ``[x0, x1) × [y0, y1)``."""
+    if r <= 0.0:
+        return 0.0
+    ax0 = x0 - cx
+    ax1 = x1 - cx
+    ay0 = y0 - cy
+    ay1 = y1 - cy
+    return max(0.0, _quadrant(ax1, ay1, r) - _quadrant(ax0, ay1, r) - _quadrant(ax1, ay0, r) + _quadrant(ax0, ay0, r))
+
+
+@numba.njit(cache=True)
+def _clip_area(xs, ys, x0, y0, x1, y1, bx, by, tx, ty):
+    # Sutherland–Hodgman clip of the ring (xs, ys) to the convex box; returns the signed shoelace area.
+    # bx, by, tx, ty are scratch buffers of length >= 2 * len(xs) + 8.
+    n = xs.size
+    for i in range(n):
+        bx[i] = xs[i]
+        by[i] = ys[i]
+    for edge in range(4):
+        m = 0
+        for i in range(n):
+            px = bx[i]
+            py = by[i]
+            qx = bx[(i + 1) % n]
+            qy = by[(i + 1) % n]
+            if edge == 0:
+                pin = px >= x0
+                qin = qx >= x0
+            elif edge == 1:
+                pin = px <= x1
+                qin = qx <= x1
+            elif edge == 2:
+                pin = py >= y0
+                qin = qy >= y0
+            else:
+                pin = py <= y1
+                qin = qy <= y1
+            if pin:
+                tx[m] = px
+                ty[m] = py
+                m += 1
+            if pin != qin:
+                if edge == 0 or edge == 1:
+                    xe = x0 if edge == 0 else x1
+                    f = (xe - px) / (qx - px)
+                    tx[m] = xe
+                    ty[m] = py + f * (qy - py)
+                else:
+                    ye = y0 if edge == 2 else y1
+                    f = (ye - py) / (qy - py)
+                    tx[m] = px + f * (qx - px)
+                    ty[m] = ye
+                m += 1
+        n = m
+        for i in range(n):
+            bx[i] = tx[i]
+            by[i] = ty[i]
+        if n == 0:
+            return 0.0
+    area = 0.0
+    for i in range(n):
+        j = (i + 1) % n
+        area += bx[i] * by[j] - bx[j] * by[i]
+    return 0.5 * area
+
+
+@numba.njit(cache=True)
+def polygon_pixel_area(xs, ys, x0, y0, x1, y1):
+    """Exact (unsigned) area of a simple polygon ring ``(xs, ys)`` intersected with ``[x0, x1) × [y0, y1)``."""
+    m = 2 * xs.size + 8
+    bx = np.empty(m)
+    by = np.empty(m)
+    tx = np.empty(m)
+    ty = np.empty(m)
+    return abs(_clip_area(xs, ys, x0, y0, x1, y1, bx, by, tx, ty))
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _shapes_sum(img, oy, ox, kind, cx, cy, rad, bbox, ring_ptr, ring_sign, vx, vy, shape_ptr, ids, out, wout):
+    n_c, ny, nx = img.shape
+    for t in numba.prange(ids.size):
+        s = ids[t]
+        # bbox in global pixel coordinates, clipped to this block
+        gx0 = max(int(math.floor(bbox[s, 0])), ox)
+        gy0 = max(int(math.floor(bbox[s, 1])), oy)
+        gx1 = min(int(math.ceil(bbox[s, 2])), ox + nx)
+        gy1 = min(int(math.ceil(bbox[s, 3])), oy + ny)
+        if gx1 <= gx0 or gy1 <= gy0:
+            continue
+        h = gy1 - gy0
+        w = gx1 - gx0
+        weights = np.zeros((h, w), dtype=np.float64)
+        if kind[s] == 0:
+            for i in range(h):
+                for j in range(w):
+                    px = gx0 + j
+                    py = gy0 + i
+                    weights[i, j] = circle_pixel_area(cx[s], cy[s], rad[s], px, py, px + 1.0, py + 1.0)
+        else:
+            m = 8
+            for ring in range(shape_ptr[s], shape_ptr[s + 1]):
+                m = max(m, 2 * (ring_ptr[ring + 1] - ring_ptr[ring]) + 8)
+            bx = np.empty(m)
+            by = np.empty(m)
+            tx = np.empty(m)
+            ty = np.empty(m)
+            for ring in range(shape_ptr[s], shape_ptr[s + 1]):
+                xs = vx[ring_ptr[ring] : ring_ptr[ring + 1]]
+                ys = vy[ring_ptr[ring] : ring_ptr[ring + 1]]
+                sign = ring_sign[ring]
+                for i in range(h):
+                    for j in range(w):
+                        px = gx0 + j
+                        py = gy0 + i
+                        a = abs(_clip_area(xs, ys, px, py, px + 1.0, py + 1.0, bx, by, tx, ty))
+                        weights[i, j] += sign * a
+        total = 0.0
+        for i in range(h):
+            for j in range(w):
+                total += weights[i, j]
+        wout[s] += total
+        for c in range(n_c):
+            acc = 0.0
+            for i in range(h):
+                for j in range(w):
+                    wij = weights[i, j]
+                    if wij != 0.0:
+                        acc += wij * img[c, gy0 - oy + i, gx0 - ox + j]
+            out[s, c] += acc
+
+
+def shapes_sum(
+    img: np.ndarray,
+    origin: tuple[int, int],
+    geometry: dict[str, np.ndarray],
+    ids: np.ndarray,
+    out: np.ndarray,
+    wout: np.ndarray,
+) -> None:
+    """Add exact area-weighted sums of a raster block over circles and polygons to ``out``.
+
+    Parameters
+    ----------
+    img
+        ``(c, ny, nx)`` float32/float64 block whose pixel ``(0, 0)`` is global pixel ``origin = (row, col)``.
+    origin
+        Global pixel position of the block.
+    geometry
+        Arrays in global pixel coordinates: ``kind`` (int8, 0 = circle, 1 = polygon), ``cx``, ``cy``, ``r``
+        (circles), ``bbox`` (``(n, 4)`` x0, y0, x1, y1), ``ring_ptr``, ``ring_sign`` (+1 exterior, -1 hole),
+        ``vx``, ``vy`` (ring vertices, concatenated), ``shape_ptr`` (rings of shape ``s`` are
+        ``shape_ptr[s] … shape_ptr[s+1]-1``).
+    ids
+        int64 indices of the shapes to process (those whose bbox meets the block).
+    out, wout
+        ``(n_shapes, c)`` and ``(n_shapes,)`` float64 accumulators: weighted sums and covered area in pixels.
+    """
+    g = geometry
+    kernel = _shapes_sum if _parallel_ok() else _shapes_sum_serial
+    kernel(
+        np.ascontiguousarray(img),
+        int(origin[0]),
+        int(origin[1]),
+        g["kind"],
+        g["cx"],
+        g["cy"],
+        g["r"],
+        g["bbox"],
+        g["ring_ptr"],
+        g["ring_sign"],
+        g["vx"],
+        g["vy"],
+        g["shape_ptr"],
+        np.asarray(ids, dtype=np.int64),
+        out,
+        wout,
+    )
+
+
+# Serial twins for threads where numba's threading layer is not thread-safe ("workqueue"): prange runs as range.
+_rect_sum_serial = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(_rect_sum_parallel.py_func)
+_labels_sum_serial = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(_labels_sum.py_func)
+_shapes_sum_serial = numba.njit(cache=True, nogil=True)(_shapes_sum.py_func)
