@@ -151,6 +151,26 @@ def _unit_index(adata: AnnData, match: str, use_region: bool, side: str) -> pd.I
     return index
 
 
+def _match_units(pred: AnnData, truth: AnnData, match: str) -> tuple[pd.Index, np.ndarray, np.ndarray]:
+    """Shared unit keys (in ``pred``'s order) and their row positions in ``pred`` and ``truth``."""
+    use_region = False
+    if match == "instance_id":
+        pr, tr = _regions(pred), _regions(truth)
+        use_region = pr is not None and tr is not None and (pr.nunique() > 1 or tr.nunique() > 1)
+    p_index = _unit_index(pred, match, use_region, "prediction")
+    t_index = _unit_index(truth, match, use_region, "truth")
+    common = p_index.intersection(t_index, sort=False)
+    if len(common) == 0:
+        msg = (
+            f"The prediction ({pred.n_obs} units) and truth ({truth.n_obs} units) tables share no unit under "
+            f"match={match!r} (e.g. prediction {list(p_index[:2])}, truth {list(t_index[:2])}). Aggregate the "
+            "prediction onto the measured units (st.tl.aggregate(..., shapes_key=<their shapes>)), or use "
+            "match='position' for units made by the same grid."
+        )
+        raise InputError(msg)
+    return common, p_index.get_indexer(common), t_index.get_indexer(common)
+
+
 def _resolve_genes(pred: AnnData, truth: AnnData, genes: Sequence[str] | None) -> list[str]:
     shared = pd.Index(pred.var_names).intersection(pd.Index(truth.var_names), sort=False)
     if genes is not None:
@@ -268,21 +288,7 @@ def evaluate(
     _matrix(pred, pred_layer, "prediction")
     _matrix(truth, truth_layer, "truth")
 
-    use_region = False
-    if match == "instance_id":
-        pr, tr = _regions(pred), _regions(truth)
-        use_region = pr is not None and tr is not None and (pr.nunique() > 1 or tr.nunique() > 1)
-    p_index = _unit_index(pred, match, use_region, "prediction")
-    t_index = _unit_index(truth, match, use_region, "truth")
-    common = p_index.intersection(t_index, sort=False)
-    if len(common) == 0:
-        msg = (
-            f"The prediction ({pred.n_obs} units) and truth ({truth.n_obs} units) tables share no unit under "
-            f"match={match!r} (e.g. prediction {list(p_index[:2])}, truth {list(t_index[:2])}). Aggregate the "
-            "prediction onto the measured units (st.tl.aggregate(..., shapes_key=<their shapes>)), or use "
-            "match='position' for units made by the same grid."
-        )
-        raise InputError(msg)
+    common, p_rows, t_rows = _match_units(pred, truth, match)
     gene_list = _resolve_genes(pred, truth, genes)
     if hpg is not None:
         hpg = [str(g) for g in hpg]
@@ -295,8 +301,6 @@ def evaluate(
     truth_n = _normalised(truth, normalize, truth_layer)
     p_layer = None if normalize is not None else pred_layer
     t_layer = None if normalize is not None else truth_layer
-    p_rows = p_index.get_indexer(common)
-    t_rows = t_index.get_indexer(common)
     y_hat = _dense(_matrix(pred_n, p_layer, "prediction"), p_rows, pd.Index(pred_n.var_names).get_indexer(gene_list))
     y = _dense(_matrix(truth_n, t_layer, "truth"), t_rows, pd.Index(truth_n.var_names).get_indexer(gene_list))
     if not (np.isfinite(y).all() and np.isfinite(y_hat).all()):
