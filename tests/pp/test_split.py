@@ -128,3 +128,17 @@ def test_seed_reproducible_over_permutations_of_groups():
     folds = st.pp.split(df, n_folds=8, seed=1)
     check_partition(folds, list(df.index), df["patient"])
     assert sum(len(f.test) for f in folds) == 36
+
+
+def test_reader_layout_table_uns_and_categorical_obs():
+    """The layout read_st and the synthetic generator write: table.uns["stpredict"]["patient"], obs["patient"]."""
+    sections = {}
+    for name in ("A1", "A2", "C2"):
+        adata = ad.AnnData(np.zeros((3, 2), dtype=np.float32))
+        adata.obs["patient"] = pd.Categorical([name[0]] * 3)
+        if name != "A2":
+            adata.uns["stpredict"] = {"patient": name[0], "section": name}
+        sections[name] = SpatialData(tables={"table": adata})
+    assert dict(section_patients(sections)) == {"A1": "A", "A2": "A", "C2": "C"}
+    folds = st.pp.split(sections)
+    assert sorted(f.test for f in folds) == [["A1", "A2"], ["C2"]]

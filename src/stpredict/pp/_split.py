@@ -28,26 +28,29 @@ class Fold(NamedTuple):
 
 
 def _patient_of(item: Any, patient_key: str, table_key: str) -> Any:
-    """The patient of one section: ``uns``/``attrs[patient_key]``, or a constant ``obs[patient_key]``."""
+    """The patient of one section, or ``None``.
+
+    Looked up in ``uns``/``attrs`` of the item and of its table (``[patient_key]`` or
+    ``["stpredict"][patient_key]``, as :func:`stpredict.io.read_st` writes), then a constant ``obs[patient_key]``.
+    """
     from anndata import AnnData
 
-    for holder in (getattr(item, "uns", None), getattr(item, "attrs", None)):
-        if holder is None:
-            continue
-        if patient_key in holder:
-            return holder[patient_key]
-        if patient_key in holder.get(Attrs.root, {}):
-            return holder[Attrs.root][patient_key]
     table: AnnData | None = item if isinstance(item, AnnData) else getattr(item, "tables", {}).get(table_key)
-    if table is not None:
-        if patient_key in table.uns:
-            return table.uns[patient_key]
-        if patient_key in table.obs:
-            values = pd.unique(table.obs[patient_key])
-            if len(values) == 1:
-                return values[0]
-            msg = f"obs[{patient_key!r}] holds several patients {list(values)[:5]} in one section; split the table."
-            raise InputError(msg)
+    holders = [getattr(item, "uns", None), getattr(item, "attrs", None), None if table is None else table.uns]
+    for holder in holders:
+        if not holder:
+            continue
+        if holder.get(patient_key) is not None:
+            return holder[patient_key]
+        nested = holder.get(Attrs.root, {})
+        if isinstance(nested, Mapping) and nested.get(patient_key) is not None:
+            return nested[patient_key]
+    if table is not None and patient_key in table.obs:
+        values = pd.unique(np.asarray(table.obs[patient_key]))
+        if len(values) == 1:
+            return values[0]
+        msg = f"obs[{patient_key!r}] holds several patients {list(values)[:5]} in one section; split the table."
+        raise InputError(msg)
     return None
 
 
