@@ -148,3 +148,11 @@ def test_table_without_region():
     sdata.tables["table"].uns["spatialdata_attrs"]["region"] = None
     with pytest.raises(InputError, match="annotates no element"):
         check_same_coordinate_system(sdata, "he", "table")
+
+
+def test_inference_from_ome_attrs_with_real_metadata_reader():
+    sdata = make_sdata()
+    sdata.images["he"].attrs["ome"] = {"Image": {"Pixels": {"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}}}
+    assert st.pp.calibrate(sdata, "he") == pytest.approx(0.5)
+    assert um_per_px(sdata, "he") == pytest.approx(0.5)
+    assert um_per_px(sdata, "spots") == pytest.approx(0.25)
