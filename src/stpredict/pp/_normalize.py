@@ -213,9 +213,11 @@ def normalize(
         Parameters fitted before, e.g. ``train.uns["stpredict"]["normalize"]["log10_minmax"]``: apply exactly
         those to this (test) table instead of fitting.
     layer
-        Layer with the raw counts; ``None`` uses ``X``.
+        Layer with the raw counts; ``None`` uses ``X`` (or, with ``params``, the layer recorded in them).
     smooth
-        ``log1p_cpm`` only: 3 × 3 grid smoothing (TRIPLEX ``smooth: True``).
+        ``log1p_cpm`` only: 3 × 3 grid smoothing (TRIPLEX ``smooth: True``). The window is in array indices:
+        on a square ST grid it holds the 8 neighbours; on Visium's hexagonal grid (columns step by 2) it holds
+        4 of the 6.
     key_added
         Layer that receives the normalised values; default: the method name.
     copy
