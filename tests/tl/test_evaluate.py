@@ -207,18 +207,36 @@ def test_normalize_callable_and_named(pair, monkeypatch):
     assert res.summary["mse"] == pytest.approx(((ny - nh) ** 2).mean())
     np.testing.assert_array_equal(pred.X, y_hat + 10)  # inputs untouched
 
-    calls = []
+    with pytest.raises(InputError, match="number of units"):
+        st.tl.evaluate(pred, truth, normalize=lambda a: a[:10].copy())
 
-    def fake_normalize(adata, *, method, copy):
-        calls.append((method, copy))
-        return log1p_cpm(adata.copy())
 
-    import stpredict.pp as pp
+def test_normalize_by_name_and_params(rng):
+    pytest.importorskip("stpredict.pp._normalize")
+    counts = rng.poisson(3.0, size=(50, 8)).astype(np.float32)
+    pred_counts = rng.poisson(3.0, size=(50, 8)).astype(np.float32)
+    truth, pred = _table(counts), _table(pred_counts)
+    res = st.tl.evaluate(pred, truth, normalize="log1p_cpm")
 
-    monkeypatch.setattr(pp, "normalize", fake_normalize, raising=False)
-    named = st.tl.evaluate(pred, truth, normalize="log1p_cpm")
-    assert calls == [("log1p_cpm", True)] * 2
-    assert named.summary["mse"] == pytest.approx(res.summary["mse"])
+    def cpm(x):
+        return np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)
+
+    assert res.summary["mse"] == pytest.approx(((cpm(counts) - cpm(pred_counts)) ** 2).mean(), rel=1e-5)
+    assert res.params["normalize"] == "log1p_cpm"
+    np.testing.assert_array_equal(pred.X, pred_counts)  # inputs untouched
+    assert "log1p_cpm" not in pred.layers
+    # log10_minmax: min/max fitted on the truth and applied unchanged to the prediction
+    res = st.tl.evaluate(pred, truth, normalize="log10_minmax")
+    y = np.log10(1 + counts.astype(np.float64))
+    lo, hi = y.min(axis=0), y.max(axis=0)
+    yh = (np.log10(1 + pred_counts.astype(np.float64)) - lo) / (hi - lo + 1e-8)
+    assert res.summary["mae"] == pytest.approx(np.abs((y - lo) / (hi - lo + 1e-8) - yh).mean(), rel=1e-5)
+    params = {"method": "log10_minmax", "layer": None, "smooth": False, "genes": list(truth.var_names)}
+    params.update(min=[0.0] * 8, max=[1.0] * 8)
+    res = st.tl.evaluate(pred, truth, normalize=params)
+    want = np.abs(np.log10(1 + counts.astype(np.float64)) - np.log10(1 + pred_counts.astype(np.float64))).mean()
+    assert res.summary["mae"] == pytest.approx(want / (1 + 1e-8), rel=1e-5)
+    assert res.params["normalize"] == "params:log10_minmax"
 
 
 # ---------------------------------------------------------------- cross-scale protocol (aggregate monkeypatched)
@@ -246,13 +264,18 @@ def test_evaluate_across_scales_with_truth_map(monkeypatch, rng):
     maps = {"pred": pred_map, "gt": truth_map}
     calls = []
 
-    def fake_aggregate(sdata, image_key, *, bin_size=None, shapes_key=None, inplace=True, genes=None, reduce=None):
-        calls.append((image_key, bin_size, shapes_key, inplace, reduce))
+    def fake_aggregate(
+        sdata, image_key, *, bin_size=None, shapes_key=None, inplace=True, genes=None, reduce=None, tissue_key=None
+    ):
+        calls.append((image_key, bin_size, shapes_key, inplace, reduce, tissue_key))
         return _grid_table(maps[image_key], bin_size, f"{image_key}_{bin_size}")
 
     monkeypatch.setitem(vars(tl), "aggregate", fake_aggregate)  # no lazy import of the real one
     sdata = _FakeSData({"pred": None, "gt": None})
-    df = st.tl.evaluate_across_scales(sdata, "pred", truth_map_key="gt", bin_sizes=(2, 8), reduce="mean")
+    df = st.tl.evaluate_across_scales(
+        sdata, "pred", truth_map_key="gt", bin_sizes=(2, 8), reduce="mean", aggregate_kwargs={"tissue_key": False}
+    )
+    assert all(c[5] is False for c in calls)
     assert set(df.columns) >= {"bin_size_um", "metric", "value", "n_units", "n_genes"}
     assert len(df) == 2 * len(METRIC_LABELS)
     assert all(c[3] is False and c[4] == "mean" for c in calls)

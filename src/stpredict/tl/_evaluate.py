@@ -193,20 +193,51 @@ def _resolve_genes(pred: AnnData, truth: AnnData, genes: Sequence[str] | None) -
     return [str(g) for g in shared]
 
 
-def _normalised(adata: AnnData, normalize: str | Callable[[AnnData], AnnData] | None, layer: str | None) -> AnnData:
-    """A normalised copy of ``adata`` (``X`` taken from ``layer``), or ``adata`` itself when ``normalize`` is None."""
+def _normalised_pair(
+    pred: AnnData,
+    truth: AnnData,
+    normalize: str | Mapping[str, Any] | Callable[[AnnData], AnnData] | None,
+    pred_layer: str | None,
+    truth_layer: str | None,
+) -> tuple[AnnData, str | None, AnnData, str | None]:
+    """Both tables in normalised space, with the layer to read on each (inputs are never modified)."""
     if normalize is None:
-        return adata
-    work = adata.copy()
-    if layer is not None:
-        work.X = work.layers[layer].copy()
+        return pred, pred_layer, truth, truth_layer
     if callable(normalize):
-        out = normalize(work)
-        return work if out is None else out
+        out = []
+        for adata, layer in ((pred, pred_layer), (truth, truth_layer)):
+            work = adata.copy()
+            if layer is not None:
+                work.X = work.layers[layer].copy()
+            result = normalize(work)
+            out.append(work if result is None else result)
+        for side, before, after in (("prediction", pred, out[0]), ("truth", truth, out[1])):
+            if after.n_obs != before.n_obs:
+                msg = f"The normalize callable changed the number of units of the {side} table; it must keep them."
+                raise InputError(msg)
+        return out[0], None, out[1], None
     import stpredict.pp as pp
 
-    out = pp.normalize(work, method=normalize, copy=True)
-    return work if out is None else out
+    # Parameters are fitted on the truth (or given) and applied unchanged to the prediction, so that fitted
+    # constants (log10_minmax's per-gene min/max, prop_log's scale) are the same on both sides.
+    if isinstance(normalize, str):
+        truth_n = pp.normalize(truth, method=normalize, layer=truth_layer, copy=True)
+        key = normalize
+        params = dict(truth_n.uns[Attrs.root]["normalize"][key])
+    else:
+        params = dict(normalize)
+        key = str(params.get("method"))
+        truth_n = pp.normalize(truth, params={**params, "layer": truth_layer}, copy=True)
+    pred_n = pp.normalize(pred, params={**params, "layer": pred_layer}, copy=True)
+    return pred_n, key, truth_n, key
+
+
+def _describe_normalize(normalize: Any) -> str | None:
+    if normalize is None or isinstance(normalize, str):
+        return normalize
+    if callable(normalize):
+        return getattr(normalize, "__name__", repr(normalize))
+    return f"params:{dict(normalize).get('method')}"
 
 
 def evaluate(
@@ -217,7 +248,7 @@ def evaluate(
     match: Literal["instance_id", "position"] = "instance_id",
     pred_layer: str | None = None,
     truth_layer: str | None = None,
-    normalize: str | Callable[[AnnData], AnnData] | None = None,
+    normalize: str | Mapping[str, Any] | Callable[[AnnData], AnnData] | None = None,
     nan_policy: Literal["minus_one", "omit", "propagate"] = "minus_one",
     hpg: Sequence[str] | None = None,
     ssim: bool | None = None,
@@ -254,8 +285,14 @@ def evaluate(
     pred_layer, truth_layer
         Layer to read on each side instead of ``X``.
     normalize
-        ``None`` (inputs are already normalised), a method name passed to ``st.pp.normalize(adata, method=...,
-        copy=True)`` (e.g. ``"log1p_cpm"``), or a callable ``AnnData -> AnnData`` applied to a copy of each side.
+        ``None``: the inputs are already in the space to score (e.g. both normalised with
+        :func:`stpredict.pp.normalize`). A method name (``"log1p_cpm"``, ``"log10_minmax"``, ``"prop_log"``): the
+        parameters are fitted on ``truth`` with :func:`stpredict.pp.normalize` and applied unchanged to ``pred``.
+        A parameter record (``train.uns["stpredict"]["normalize"][method]``, fitted on training slides): applied
+        to both. These need raw (integer) counts on both sides, as :func:`stpredict.pp.normalize` does; for a
+        prediction of expected (non-integer) counts, normalise it first or pass a callable
+        ``AnnData -> AnnData`` that is applied to a copy of each side (``X`` taken from the layer) and must keep
+        the units.
     nan_policy
         Undefined correlations (a constant gene or unit): ``"minus_one"`` counts them as −1, the published
         convention (``Yan98/EGN``, ``Yan98/SGN``); ``"omit"`` leaves them out of the summaries; ``"propagate"``
@@ -297,10 +334,7 @@ def evaluate(
             msg = f"{len(missing)} highly predictive genes are not among the evaluated genes (e.g. {missing[:5]})."
             raise InputError(msg)
 
-    pred_n = _normalised(pred, normalize, pred_layer)
-    truth_n = _normalised(truth, normalize, truth_layer)
-    p_layer = None if normalize is not None else pred_layer
-    t_layer = None if normalize is not None else truth_layer
+    pred_n, p_layer, truth_n, t_layer = _normalised_pair(pred, truth, normalize, pred_layer, truth_layer)
     y_hat = _dense(_matrix(pred_n, p_layer, "prediction"), p_rows, pd.Index(pred_n.var_names).get_indexer(gene_list))
     y = _dense(_matrix(truth_n, t_layer, "truth"), t_rows, pd.Index(truth_n.var_names).get_indexer(gene_list))
     if not (np.isfinite(y).all() and np.isfinite(y_hat).all()):
@@ -346,7 +380,7 @@ def evaluate(
         "n_units_pred": pred.n_obs,
         "n_units_truth": truth.n_obs,
         "n_genes": len(gene_list),
-        "normalize": normalize if isinstance(normalize, str) or normalize is None else repr(normalize),
+        "normalize": _describe_normalize(normalize),
         "hpg": hpg,
         "pred_layer": pred_layer,
         "truth_layer": truth_layer,
@@ -417,6 +451,7 @@ def evaluate_across_scales(
     truth_map_key: str | None = None,
     genes: Sequence[str] | None = None,
     reduce: str | None = None,
+    aggregate_kwargs: Mapping[str, Any] | None = None,
     **evaluate_kwargs: Any,
 ) -> pd.DataFrame:
     """The cross-scale protocol: one prediction map aggregated and evaluated at several bin sizes.
@@ -447,6 +482,8 @@ def evaluate_across_scales(
         Genes to aggregate and score (default: all shared).
     reduce
         Passed to :func:`stpredict.tl.aggregate` (default: from the map's value semantics).
+    aggregate_kwargs
+        Further arguments of :func:`stpredict.tl.aggregate` (e.g. ``tissue_key``, ``origin_um``).
     **evaluate_kwargs
         Passed to :func:`evaluate` (``nan_policy``, ``normalize``, ``hpg``, ...).
 
@@ -461,7 +498,7 @@ def evaluate_across_scales(
         msg = "Give exactly one of `truth` (measured tables per bin size) and `truth_map_key` (a ground-truth map)."
         raise InputError(msg)
     for forbidden in ("match", "inplace", "genes"):
-        if forbidden in evaluate_kwargs:
+        if forbidden in evaluate_kwargs or forbidden in (aggregate_kwargs or {}):
             msg = f"evaluate_across_scales sets {forbidden!r} itself; do not pass it."
             raise InputError(msg)
     if map_key not in sdata.images:
@@ -487,7 +524,7 @@ def evaluate_across_scales(
 
     rows = []
     for b in sizes:
-        agg_kwargs: dict[str, Any] = {"inplace": False, "genes": genes}
+        agg_kwargs: dict[str, Any] = {**(aggregate_kwargs or {}), "inplace": False, "genes": genes}
         if reduce is not None:
             agg_kwargs["reduce"] = reduce
         if truth is not None:
