@@ -311,3 +311,35 @@ def test_evaluate_across_scales_with_measured_tables(monkeypatch, rng):
         st.tl.evaluate_across_scales(sdata, "nope", measured)
     with pytest.raises(InputError, match="sets 'match'"):
         st.tl.evaluate_across_scales(sdata, "m", measured, match="position")
+
+
+# ---------------------------------------------------------------- real data (her2st A1, 346 spots)
+
+
+def test_real_her2st_mean_profile_scores_spotwise_not_genewise(data_dir):
+    """SPEC §1.4: the average profile everywhere has no gene-wise signal but a high spot-wise PCC."""
+    counts = pd.read_csv(data_dir / "her2st" / "A1" / "counts.tsv.gz", sep="\t", index_col=0)
+    top = counts.mean(axis=0).sort_values(ascending=False).index[:250]
+    x = counts[top].to_numpy(np.float64)
+    y = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)
+    xy = np.array([s.split("x") for s in counts.index], dtype=np.int64)  # '<x>x<y>' = array col, row
+    obs = pd.DataFrame({"instance_id": counts.index, "array_col": xy[:, 0], "array_row": xy[:, 1]})
+    obs.index = counts.index
+    truth = ad.AnnData(y, obs=obs, var=pd.DataFrame(index=top))
+    mean_profile = ad.AnnData(np.tile(y.mean(axis=0), (len(y), 1)), obs=obs.copy(), var=pd.DataFrame(index=top))
+    where = {(r, c): i for i, (r, c) in enumerate(zip(obs.array_row, obs.array_col, strict=True))}
+    smooth = np.empty_like(y)
+    for i, (r, c) in enumerate(zip(obs.array_row, obs.array_col, strict=True)):
+        steps = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+        around = [where[(r + dr, c + dc)] for dr, dc in steps if (r + dr, c + dc) in where]
+        smooth[i] = y[around].mean(axis=0) if around else y.mean(axis=0)
+    neighbours = ad.AnnData(smooth, obs=obs.copy(), var=pd.DataFrame(index=top))
+
+    flat = st.tl.evaluate(mean_profile, truth)
+    assert flat.params["n_units"] == 346
+    assert flat.summary["pcc_m"] == -1.0  # every gene constant: undefined -> -1 (published convention)
+    assert flat.summary["spot_pcc"] > 0.55  # ... yet MagNet's spot-wise PCC is high (0.607)
+    near = st.tl.evaluate(neighbours, truth)
+    assert 0.1 < near.summary["pcc_m"] < 0.4  # spatial signal from neighbours: PCC@M 0.196
+    assert near.summary["pcc_f"] < near.summary["pcc_s"]
+    assert abs(near.summary["spot_pcc"] - flat.summary["spot_pcc"]) < 0.05  # spot-wise PCC barely notices
