@@ -12,6 +12,7 @@ from stpredict._lazy import lazy_getattr
 
 _LAZY = {
     "infer_um_per_px": "._metadata",
+    "read_st": "._st",
 }
 __all__ = sorted(_LAZY)
 
