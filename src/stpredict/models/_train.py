@@ -85,6 +85,8 @@ def _quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*sparse.*beta.*")
         warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=".*torch.sparse.*")
+        warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         try:
             yield
         finally:

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stpredict._errors import InputError
+from stpredict.models._train import fit, resolve_accelerator
+
+_spec = importlib.util.spec_from_file_location("_training_data", Path(__file__).with_name("_training_data.py"))
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+GENES = ["g0", "g1", "g2"]
+FAST = {"batch_size": 4, "tiles_per_epoch": 8, "show_progress_bar": False, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def sdata():
+    return helpers.make_sdata(size=160)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def test_fit_paper_mode_is_reproducible(sdata) -> None:
+    a = helpers.TinyModel(GENES)
+    start = _weights(a)
+    fit(a, sdata, max_epochs=2, validation_fraction=0.25, **FAST)
+    b = helpers.TinyModel(GENES)
+    fit(b, sdata, max_epochs=2, validation_fraction=0.25, **FAST)
+    wa, wb = _weights(a), _weights(b)
+    assert any(not torch.equal(start[k], wa[k]) for k in wa)  # it trained
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same weights
+    assert len(a.fit_history["train_loss"]) == 2
+    assert len(a.fit_history["val_loss"]) == 2
+    assert a.fit_history["best_epoch"] == int(np.argmin(a.fit_history["val_loss"]))
+    assert a.fit_params["loss"] == "paper"
+    assert a.fit_params["reduce"] == "mean"
+    assert a.normalization == {"method": "log1p_cpm", "target_sum": 1e4}
+    c = helpers.TinyModel(GENES)
+    fit(c, sdata, max_epochs=2, validation_fraction=0.25, seed=1, **FAST)
+    assert any(not torch.equal(wa[k], v) for k, v in _weights(c).items())
+
+
+def test_fit_learns_and_restores_best_weights(sdata) -> None:
+    model = helpers.TinyModel(GENES)
+    val = helpers.make_sdata(size=160, seed=5)
+    fit(model, sdata, max_epochs=4, lr=2e-2, validation_data=[val], validation_tiles=8, **FAST)
+    hist = model.fit_history
+    assert min(hist["val_loss"]) < hist["val_loss"][0]
+    assert min(hist["train_loss"]) < hist["train_loss"][0]
+    # the restored weights are those of the best epoch: refitting for exactly best_epoch + 1 epochs gives them
+    again = helpers.TinyModel(GENES)
+    fit(again, sdata, max_epochs=hist["best_epoch"] + 1, lr=2e-2, validation_data=[val], validation_tiles=8, **FAST)
+    best, rerun = _weights(model), _weights(again)
+    assert all(torch.equal(best[k], rerun[k]) for k in best)
+
+
+def test_fit_density_multiscale() -> None:
+    import anndata as ad
+    from spatialdata.models import ShapesModel, TableModel
+
+    # a second table: 8 px square bins with their own counts, trained together with the spots
+    sdata = helpers.make_sdata(size=160)
+    bins_sd = helpers.make_sdata(size=160, squares=True, radius=4.0, spacing=8.0)
+    sdata.shapes["bins"] = ShapesModel.parse(bins_sd.shapes["spots"])
+    table = bins_sd.tables["table"]
+    obs = table.obs.copy()
+    obs["region"] = "bins"
+    obs["region"] = obs["region"].astype("category")
+    new = ad.AnnData(table.X.copy(), obs=obs, var=table.var.copy(), obsm={"spatial": table.obsm["spatial"]})
+    sdata.tables["bins_table"] = TableModel.parse(new, region="bins", region_key="region", instance_key="instance_id")
+    from stpredict._geometry import set_um_per_px
+
+    set_um_per_px(sdata, "he", 1.0)
+    model = helpers.TinyModel(GENES, value_kind="density")
+    fit(model, sdata, table_key=["table", "bins_table"], max_epochs=1, **FAST)
+    assert model.fit_params["table_keys"] == ["table", "bins_table"]
+    assert model.fit_params["loss"] == "nb"
+    assert model.fit_params["reduce"] == "sum"
+    assert len(model.fit_params["nb_theta"]) == 3
+    assert np.isfinite(model.fit_history["train_loss"][0])
+    poisson = helpers.TinyModel(GENES, value_kind="density")
+    fit(poisson, sdata, table_key="bins_table", loss="poisson", max_epochs=1, **FAST)
+    assert np.isfinite(poisson.fit_history["train_loss"][0])
+
+
+def test_fit_rejects_inconsistent_settings(sdata) -> None:
+    model = helpers.TinyModel(GENES)
+    with pytest.raises(InputError, match="density map"):
+        fit(model, sdata, loss="nb", **FAST)
+    with pytest.raises(InputError, match="reduce"):
+        fit(helpers.TinyModel(GENES, value_kind="density"), sdata, reduce="mean", **FAST)
+    with pytest.raises(InputError, match="genes differ"):
+        fit(model, sdata, genes=["g0"], **FAST)
+    with pytest.raises(InputError, match="validation_fraction"):
+        fit(model, sdata, validation_fraction=1.5, **FAST)
+    negative = helpers.TinyModel(GENES, value_kind="density")
+    negative.module = negative.module[:-1]  # no softplus: the map can go negative
+    with torch.no_grad():
+        negative.module[-1].bias.fill_(-5.0)
+    with pytest.raises(InputError, match="non-negative"):
+        fit(negative, sdata, max_epochs=1, **FAST)
+
+
+def test_resolve_accelerator() -> None:
+    assert resolve_accelerator("cpu") == ("cpu", 1)
+    assert resolve_accelerator("cuda:1") == ("cuda", [1])
+    assert resolve_accelerator("mps") == ("mps", "auto")
+    with pytest.raises(InputError, match="Unknown device"):
+        resolve_accelerator("tpu7")
