@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import stpredict as st
+from stpredict._errors import InputError
+from stpredict.models._io import load_state_dict
+from stpredict.models._weights import packaged_weights_path
+
+SMALL = (8, 16, 16, 32, 32, 32)
+GENES = ["ACTB", "EPCAM", "PTPRC"]
+
+
+def small(**kwargs):
+    params = {"tile_size": 32, "decoder_channels": SMALL, "seed": 0}
+    params.update(kwargs)
+    return st.models.PixNet(GENES, **params)
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    return np.random.default_rng(0).integers(0, 256, size=(2, 3, 32, 32), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return small(pretrained="efficientnet-lite0")
+
+
+def test_satisfies_dense_model_protocol(lite0):
+    assert isinstance(lite0, st.models.DenseModel)
+    assert lite0.name == "pixnet"
+    assert lite0.var_names == GENES
+    assert (lite0.output_stride, lite0.tile_size, lite0.context) == (1, 32, 4)
+    assert lite0.value_kind == "intensive"
+    assert lite0.pixel_area_um2 == 1.0
+
+
+@pytest.mark.parametrize(
+    ("encoder", "output_stride", "attention", "size"),
+    [
+        ("tf_efficientnet_lite0", 1, "spatial", (40, 72)),
+        ("tf_efficientnet_lite0", 4, "channel", (32, 32)),
+        ("vit_tiny_patch16_224", 2, "spatial", (32, 48)),
+    ],
+)
+def test_output_shapes(encoder, output_stride, attention, size):
+    model = small(encoder=encoder, output_stride=output_stride, attention=attention)
+    # sides that are not multiples of the deepest stride (32) are padded and cropped back
+    tiles = np.random.default_rng(1).integers(0, 256, size=(2, 3, *size), dtype=np.uint8)
+    out = model.predict_tiles(tiles, device="cpu")
+    assert out.dtype == np.float32
+    assert out.shape == (2, 3, size[0] // output_stride, size[1] // output_stride)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("encoder", ["tf_efficientnet_lite0", "vit_tiny_patch16_224"])
+def test_gradients_flow_only_into_unfrozen_parts(encoder):
+    model = small(encoder=encoder, freeze_encoder=2)
+    module = model.module.train()
+    module(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    units = module.encoder.backbone_units()
+    # the last two backbone blocks fine-tune, the rest of the backbone is frozen and gets no gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for u in units[-2:] for p in u.parameters())
+    assert all(p.grad is None for u in units[:-2] for p in u.parameters())
+    frozen = [p for p in module.encoder.backbone.parameters() if not p.requires_grad]
+    assert frozen
+    assert all(p.grad is None for p in frozen)
+    backbone = {id(p) for p in module.encoder.backbone.parameters()}
+    adapters = [p for p in module.parameters() if id(p) not in backbone]
+    assert all(p.grad is not None for p in adapters)
+    assert module.head.weight.grad.abs().sum() > 0
+    assert module.decoder.fuses[0].qkv.weight.grad.abs().sum() > 0
+    assert module.encoder.stem[0][0].weight.grad.abs().sum() > 0
+
+
+def test_pretrained_packaged_checkpoint_is_loaded_exactly(lite0):
+    checkpoint = list(load_state_dict(packaged_weights_path("efficientnet-lite0")).values())
+    state = lite0.module.encoder.backbone.state_dict()
+    names = list(state)
+    for i in (0, 6, 100, len(names) - 1):
+        assert torch.equal(state[names[i]], checkpoint[i])
+    random = small()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        f_pre = lite0.module.encoder(x)[3]
+        f_rand = random.module.encoder(x)[3]
+    assert not torch.allclose(f_pre, f_rand)
+    # the stems, decoder and head are initialised identically for one seed, whatever the encoder weights
+    torch.testing.assert_close(lite0.module.head.weight, random.module.head.weight)
+
+
+def test_pretrained_local_files(tmp_path, lite0):
+    from safetensors.torch import save_file
+
+    source = load_state_dict(packaged_weights_path("efficientnet-lite0"))
+    # the same weights as .safetensors, under timm's own names with a wrapper prefix
+    timm_names = {
+        f"module.{k}": v.contiguous()
+        for k, v in zip(lite0.module.encoder.backbone.state_dict(), source.values(), strict=False)
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(timm_names, path)
+    model = small(pretrained=path)
+    for key, value in lite0.module.encoder.backbone.state_dict().items():
+        assert torch.equal(model.module.encoder.backbone.state_dict()[key], value)
+    # a .pth nesting the state dict under "state_dict"
+    torch.save({"state_dict": dict(source), "epoch": 3}, tmp_path / "w.pth")
+    model = small(pretrained=str(tmp_path / "w.pth"))
+    torch.testing.assert_close(
+        model.module.encoder.backbone.conv_stem.weight, lite0.module.encoder.backbone.conv_stem.weight
+    )
+    with pytest.raises(InputError, match="neither an existing weights file"):
+        small(pretrained=tmp_path / "missing.pth")
+    with pytest.raises(InputError, match="do not fit the encoder"):
+        small(encoder="resnet18", pretrained=path)
+    with pytest.raises(InputError, match="tf_efficientnet_lite0"):
+        small(encoder="resnet18", pretrained="efficientnet-lite0")
+
+
+class _Evil:
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(_Evil.target),))
+
+
+def test_pretrained_pickle_with_code_is_refused(tmp_path):
+    _Evil.target = str(tmp_path / "pwned")
+    path = tmp_path / "evil.pth"
+    with path.open("wb") as f:
+        pickle.dump({"conv_stem.weight": _Evil()}, f)
+    with pytest.raises(InputError, match="nothing is unpickled"):
+        small(pretrained=path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_hub_offline_error_names_local_file(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        msg = "no network"
+        raise OSError(msg)
+
+    from stpredict.models._weights import pretrained_state_dict
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(InputError, match="pass the local file"):
+        pretrained_state_dict("hf-hub:MahmoodLab/UNI2-h", encoder="uni2_h", arch="vit_giant_patch14_224", kwargs={})
+
+
+def test_density_head_is_nonnegative_and_bias_init(tiles):
+    model = small(value_kind="density", output_stride=2, um_per_px=0.5)
+    assert model.pixel_area_um2 == 1.0
+    out = model.predict_tiles(tiles, device="cpu")
+    assert (out >= 0).all()
+    with torch.no_grad():
+        model.module.head.weight.zero_()
+    model.module.set_output_bias(torch.tensor([1e-3, 0.5, 2.0]))
+    out = model.predict_tiles(tiles, device="cpu")
+    np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), [1e-3, 0.5, 2.0], rtol=1e-4)
+    intensive = small()
+    with torch.no_grad():
+        intensive.module.head.weight.zero_()
+    intensive.module.set_output_bias(torch.tensor([-1.0, 0.0, 3.0]))
+    np.testing.assert_allclose(intensive.predict_tiles(tiles, device="cpu")[0, :, 5, 7], [-1.0, 0.0, 3.0], atol=1e-6)
+
+
+def test_seeded_and_batched_predictions_agree(tiles):
+    a = small(attention="channel")
+    b = small(attention="channel")
+    c = small(attention="channel", seed=1)
+    pa = a.predict_tiles(tiles, device="cpu")
+    np.testing.assert_array_equal(pa, b.predict_tiles(tiles, device="cpu"))
+    assert not np.allclose(pa, c.predict_tiles(tiles, device="cpu"))
+    np.testing.assert_allclose(a.predict_tiles(tiles, device="cpu", batch_size=1), pa, rtol=1e-5, atol=1e-6)
+    assert not a.module.training
+
+
+def test_predict_tiles_rejects_bad_input(lite0, tiles):
+    with pytest.raises(InputError, match="uint8"):
+        lite0.predict_tiles(tiles.astype(np.float32), device="cpu")
+    with pytest.raises(InputError, match="shape"):
+        lite0.predict_tiles(tiles[:, :2], device="cpu")
+    with pytest.raises(InputError, match="multiples"):
+        small(output_stride=4).predict_tiles(tiles[..., :30], device="cpu")
+    assert lite0.predict_tiles(tiles[:0], device="cpu").shape == (0, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"output_stride": 3}, "power of two"),
+        ({"output_stride": 64}, "output_stride=64"),
+        ({"tile_size": 28, "output_stride": 8}, "multiple of output_stride"),
+        ({"value_kind": "counts"}, "value_kind"),
+        ({"attention": "global"}, "attention"),
+        ({"um_per_px": 0}, "um_per_px"),
+        ({"context": 16}, "context"),
+        ({"freeze_encoder": -2}, "freeze_encoder"),
+        ({"encoder": "no_such_net"}, "Unknown encoder"),
+    ],
+)
+def test_bad_parameters(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        small(**kwargs)
+
+
+def test_bad_genes():
+    with pytest.raises(InputError, match="empty"):
+        st.models.PixNet([], tile_size=32, decoder_channels=SMALL)
+    with pytest.raises(InputError, match="duplicated"):
+        st.models.PixNet(["A", "A"], tile_size=32, decoder_channels=SMALL)
+
+
+def test_repr_and_parameter_counts(lite0):
+    assert "PixNet(3 genes" in repr(lite0)
+    n_backbone = sum(p.numel() for p in lite0.module.encoder.backbone.parameters())
+    assert lite0.n_parameters() - lite0.n_parameters(trainable_only=True) == n_backbone
