@@ -13,6 +13,7 @@ from stpredict._errors import InputError
 from stpredict.tl._metrics import (
     genewise_pcc,
     genewise_spearman,
+    grid_raster_index,
     grid_ssim,
     highly_predictive_genes,
     mae,
@@ -206,6 +207,48 @@ def test_grid_ssim_matches_skimage_on_full_grid(rng):
         b = ((y_hat[:, g] - lo) / (hi - lo)).reshape(10, 10)
         assert got[g] == pytest.approx(structural_similarity(a, b, win_size=7, data_range=1.0))
     assert grid_ssim(y, y, rows, cols) == pytest.approx(np.ones(3))
+
+
+def ref_local_ssim(a, b, i, j, win=7):
+    """SSIM of the win × win window centred on (i, j), as skimage computes it (sample covariances)."""
+    h = win // 2
+    wa = a[i - h : i + h + 1, j - h : j + h + 1].ravel()
+    wb = b[i - h : i + h + 1, j - h : j + h + 1].ravel()
+    n = wa.size
+    ma, mb = wa.mean(), wb.mean()
+    va = ((wa - ma) ** 2).sum() / (n - 1)
+    vb = ((wb - mb) ** 2).sum() / (n - 1)
+    cov = ((wa - ma) * (wb - mb)).sum() / (n - 1)
+    c1, c2 = 0.01**2, 0.03**2
+    return ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+
+
+def test_grid_ssim_partial_grid_averages_unit_cells_only(rng):
+    rows, cols = np.divmod(np.arange(196), 14)
+    keep = ~((rows < 6) & (cols < 6))  # an empty corner, as outside tissue
+    rows, cols = rows[keep], cols[keep]
+    y = rng.random((len(rows), 2))
+    y_hat = rng.random((len(rows), 2))
+    got = grid_ssim(y, y_hat, rows, cols)
+    for g in range(2):
+        lo, hi = min(y[:, g].min(), y_hat[:, g].min()), max(y[:, g].max(), y_hat[:, g].max())
+        a, b = np.zeros((14, 14)), np.zeros((14, 14))
+        a[rows, cols] = (y[:, g] - lo) / (hi - lo)
+        b[rows, cols] = (y_hat[:, g] - lo) / (hi - lo)
+        inner = [(i, j) for i, j in zip(rows, cols, strict=True) if 3 <= i < 11 and 3 <= j < 11]
+        want = np.mean([ref_local_ssim(a, b, i, j) for i, j in inner])
+        assert got[g] == pytest.approx(want, abs=1e-10)
+    assert np.all(np.abs(got) < 0.3)  # independent noise: the zero-filled corner does not inflate SSIM
+
+
+def test_hexagonal_grid_is_compacted():
+    rows = np.repeat(np.arange(4), 4)
+    cols = np.array([c + (r % 2) for r in range(4) for c in (0, 2, 4, 6)])  # Visium: row + col even
+    r, c = grid_raster_index(rows + 10, cols + 20)
+    assert np.array_equal(r, rows)
+    assert np.array_equal(c, np.tile(np.arange(4), 4))
+    square_r, square_c = grid_raster_index(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]))
+    assert np.array_equal(square_c, [0, 1, 0, 1])
 
 
 def test_grid_ssim_too_small_or_constant_is_nan():

@@ -30,6 +30,7 @@ __all__ = [
     "NAN_POLICIES",
     "genewise_pcc",
     "genewise_spearman",
+    "grid_raster_index",
     "grid_ssim",
     "highly_predictive_genes",
     "mae",
@@ -169,6 +170,22 @@ def policy_mean(values: np.ndarray, *, nan_policy: NanPolicy = "minus_one") -> f
     return float(np.mean(values)) if values.size else float("nan")
 
 
+def grid_raster_index(rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raster cell of each unit: grid indices shifted to start at 0.
+
+    A hexagonal Visium-style grid, where ``array_row + array_col`` has one parity for every unit (columns step
+    by 2 within a row), is compacted to ``array_col // 2`` so that neighbouring units are neighbouring cells.
+    """
+    r = np.asarray(rows, dtype=np.int64)
+    c = np.asarray(cols, dtype=np.int64)
+    if r.size and np.unique((r + c) % 2).size == 1 and np.unique(c % 2).size == 2:
+        c = c // 2
+    if r.size:
+        r = r - r.min()
+        c = c - c.min()
+    return r, c
+
+
 def grid_ssim(
     y: np.ndarray,
     y_hat: np.ndarray,
@@ -179,11 +196,13 @@ def grid_ssim(
 ) -> np.ndarray:
     """Structural similarity of each gene rasterised on the units' grid.
 
-    Each gene's measured and predicted values are scaled jointly to ``[0, 1]`` (one min and max over both),
-    placed at ``(rows - rows.min(), cols - cols.min())`` on a raster, cells without a unit set to 0 in both,
-    and compared with :func:`skimage.metrics.structural_similarity` (``data_range=1``). The window is
-    ``win_size``, shrunk to the largest odd size that fits the raster; a raster narrower than 3 cells, or a
-    gene constant on both sides, gives NaN.
+    Each gene's measured and predicted values are scaled jointly to ``[0, 1]`` (one min and max over both)
+    and placed on a raster at the units' grid cells (:func:`grid_raster_index`); cells without a unit are 0
+    in both. :func:`skimage.metrics.structural_similarity` (``data_range=1``, ``full=True``) gives the local
+    SSIM map, which is averaged over the cells that hold a unit, away from the ``(win_size - 1) // 2`` border
+    skimage also leaves out (over all unit cells if none is that far in). On a fully occupied grid this is
+    exactly skimage's mean SSIM; empty cells never count. The window is ``win_size``, shrunk to the largest
+    odd size that fits the raster; a raster narrower than 3 cells, or a gene constant on both sides, gives NaN.
 
     Parameters
     ----------
@@ -209,13 +228,18 @@ def grid_ssim(
     out = np.full(y.shape[1], np.nan)
     if y.shape[0] == 0:
         return out
-    r = rows - rows.min()
-    c = cols - cols.min()
+    r, c = grid_raster_index(rows, cols)
     shape = (int(r.max()) + 1, int(c.max()) + 1)
     win = min(win_size, *shape)
     win = win if win % 2 == 1 else win - 1
     if win < 3:
         return out
+    occupied = np.zeros(shape, dtype=bool)
+    occupied[r, c] = True
+    pad = (win - 1) // 2
+    inner = np.zeros(shape, dtype=bool)
+    inner[pad : shape[0] - pad, pad : shape[1] - pad] = True
+    cells = occupied & inner if (occupied & inner).any() else occupied
     for g in range(y.shape[1]):
         lo = min(y[:, g].min(), y_hat[:, g].min())
         hi = max(y[:, g].max(), y_hat[:, g].max())
@@ -225,7 +249,8 @@ def grid_ssim(
         b = np.zeros(shape)
         a[r, c] = (y[:, g] - lo) / (hi - lo)
         b[r, c] = (y_hat[:, g] - lo) / (hi - lo)
-        out[g] = structural_similarity(a, b, win_size=win, data_range=1.0)
+        _, local = structural_similarity(a, b, win_size=win, data_range=1.0, full=True)
+        out[g] = float(local[cells].mean())
     return out
 
 
