@@ -187,9 +187,12 @@ def test_layers_hpg_and_inplace(pair):
     with pytest.raises(InputError, match="highly predictive"):
         st.tl.evaluate(pred, truth, hpg=["nope"])
     # HPG selected over folds by the helper feeds straight into evaluate
-    folds = [res.per_gene["pcc"], res.per_gene["pcc"] + 0.01]
+    folds = [res, res.per_gene["pcc"] + 0.01]
     top = tl._evaluate.highly_predictive_genes(folds, n=5)
     assert top == list(res.per_gene["pcc"].sort_values(ascending=False).index[:5])
+    assert st.tl.evaluate(pred, truth, pred_layer="pred", truth_layer="counts", hpg=top).summary["pcc_h"] == (
+        pytest.approx(res.per_gene["pcc"].loc[top].mean())
+    )
 
 
 def test_normalize_callable_and_named(pair, monkeypatch):

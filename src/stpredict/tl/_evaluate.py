@@ -17,13 +17,13 @@ from ._metrics import (
     genewise_pcc,
     genewise_spearman,
     grid_ssim,
-    highly_predictive_genes,
     mae,
     mse,
     pcc_summary,
     policy_mean,
     spotwise_pcc,
 )
+from ._metrics import highly_predictive_genes as _hpg_from_pcc
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -89,6 +89,36 @@ class EvaluationResult:
     def __repr__(self) -> str:
         items = ", ".join(f"{k}={v:.4g}" for k, v in self.summary.items())
         return f"EvaluationResult(n_units={self.params.get('n_units')}, n_genes={self.params.get('n_genes')}, {items})"
+
+
+def highly_predictive_genes(
+    fold_results: Sequence[EvaluationResult | pd.Series | Mapping[str, float]] | pd.DataFrame,
+    *,
+    n: int = 50,
+) -> list[str]:
+    """TRIPLEX's highly predictive genes: the top ``n`` genes by gene-wise PCC rank averaged over folds.
+
+    For each fold the genes are ranked by PCC (``argsort(argsort(pcc)) + 1``, best gene highest; undefined
+    correlations as −1), the ranks are averaged over folds and the ``n`` genes with the highest mean rank are
+    kept (``NEXGEM/TRIPLEX:src/model/model_interface.py`` and ``src/experiment/get_HPG.py``). Pass the result as
+    ``evaluate(..., hpg=...)`` to get PCC@H, a TRIPLEX metric that PixNet does not report.
+
+    Parameters
+    ----------
+    fold_results
+        One :class:`EvaluationResult` (its ``per_gene["pcc"]``) or per-gene PCC series per fold, or a DataFrame
+        with genes as rows and folds as columns. Genes missing from any fold are not ranked.
+    n
+        How many genes to keep (50 in TRIPLEX).
+
+    Returns
+    -------
+    Gene names, best first.
+    """
+    if isinstance(fold_results, pd.DataFrame):
+        return _hpg_from_pcc(fold_results, n=n)
+    folds = [r.per_gene["pcc"] if isinstance(r, EvaluationResult) else r for r in fold_results]
+    return _hpg_from_pcc(folds, n=n)
 
 
 def _matrix(adata: AnnData, layer: str | None, side: str) -> Any:
@@ -267,6 +297,10 @@ def evaluate(
     * ``mse``, ``mae``: means over all entries;
     * ``spot_pcc``: MagNet's spot-wise PCC (across genes within a unit, mean over units). It is a different
       quantity, inflated by between-gene mean differences, and must not be compared with ``pcc_m``.
+
+    SPEC §1.4 pools the test units of all test slides of a fold before computing gene-wise PCC: concatenate
+    the slides' tables (:func:`anndata.concat`) on both sides; units are then told apart by their region.
+    MagNet instead reports per-slide metrics averaged over slides: evaluate each slide on its own.
 
     Metrics are only comparable under the same normalisation; both sides should be in the normalised space
     the metric is reported in (pass ``normalize`` to normalise both here, or normalise before).
