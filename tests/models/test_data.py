@@ -48,6 +48,7 @@ def test_build_sections_geometry_and_targets() -> None:
 def test_log1p_cpm_and_square_units() -> None:
     x = np.array([[1.0, 3.0], [0.0, 0.0]])
     np.testing.assert_allclose(log1p_cpm(x), np.log1p([[2500.0, 7500.0], [0.0, 0.0]]), rtol=1e-6)
+    np.testing.assert_allclose(log1p_cpm(x, columns=np.array([1])), np.log1p([[7500.0], [0.0]]), rtol=1e-6)
     sdata = helpers.make_sdata(squares=True, radius=4.0)
     units = _sections(sdata)[0].units[0]
     assert np.all(units.kinds == RECT)
@@ -55,20 +56,45 @@ def test_log1p_cpm_and_square_units() -> None:
     np.testing.assert_allclose(units.centers, sdata.tables["table"].obsm["spatial"])
 
 
-def test_missing_genes_and_normalised_tables() -> None:
+def test_missing_genes_and_normalised_layers() -> None:
+    import stpredict as st
+
     sdata = helpers.make_sdata()
     with pytest.raises(InputError, match="lacks 1"):
         build_sections(
             sdata, image_key="he", table_keys=["table"], shapes_key=None, genes=["g0", "nope"], space="counts"
         )
     table = sdata.tables["table"]
+    st.pp.normalize(table, method="log1p_cpm")
+    # st.pp.normalize's layer and our own log1p CPM of X agree
+    by_layer = (
+        build_sections(
+            sdata,
+            image_key="he",
+            table_keys=["table"],
+            shapes_key=None,
+            genes=GENES,
+            space="normalised",
+            target_layer="log1p_cpm",
+        )[0]
+        .units[0]
+        .targets
+    )
+    np.testing.assert_allclose(by_layer, _sections(sdata)[0].units[0].targets, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="no layer 'other'"):
+        build_sections(
+            sdata,
+            image_key="he",
+            table_keys=["table"],
+            shapes_key=None,
+            genes=GENES,
+            space="normalised",
+            target_layer="other",
+        )
     table.X = table.X.multiply(0.5).tocsr()  # not counts any more
-    with pytest.raises(InputError, match="non-integer"):
+    with pytest.raises(InputError, match="target_layer"):
         _sections(sdata)
-    table.uns["stpredict"] = {"normalize": {"method": "custom"}}
-    values = _sections(sdata)[0].units[0].targets
-    np.testing.assert_allclose(values, table.X.toarray())  # a normalised table is used as is
-    with pytest.raises(InputError, match="raw counts"):
+    with pytest.raises(InputError, match="non-integer"):
         _sections(sdata, space="counts")
     with pytest.raises(KeyError, match="nope"):
         build_sections(sdata, image_key="he", table_keys=["nope"], shapes_key=None, genes=GENES, space="counts")

@@ -98,6 +98,8 @@ def test_fit_rejects_inconsistent_settings(sdata) -> None:
         fit(helpers.TinyModel(GENES, value_kind="density"), sdata, reduce="mean", **FAST)
     with pytest.raises(InputError, match="genes differ"):
         fit(model, sdata, genes=["g0"], **FAST)
+    with pytest.raises(InputError, match="target_layer"):
+        fit(helpers.TinyModel(GENES, value_kind="density"), sdata, target_layer="log1p_cpm", **FAST)
     with pytest.raises(InputError, match="validation_fraction"):
         fit(model, sdata, validation_fraction=1.5, **FAST)
     negative = helpers.TinyModel(GENES, value_kind="density")

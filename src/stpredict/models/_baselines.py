@@ -342,6 +342,7 @@ class EmbeddingRidge(_SlidingWindowModel):
         image_key: str = "he",
         table_key: str | Sequence[str] = "table",
         shapes_key: str | None = None,
+        target_layer: str | None = None,
         max_units: int = 20000,
         batch_size: int = 64,
         seed: int = 0,
@@ -355,8 +356,8 @@ class EmbeddingRidge(_SlidingWindowModel):
         ----------
         data
             One SpatialData or a list of them; images calibrated.
-        image_key, table_key, shapes_key
-            As in PixNet's fit; targets are log1p CPM unless the table is already normalised.
+        image_key, table_key, shapes_key, target_layer
+            As in PixNet's fit: targets are ``table.layers[target_layer]``, or log1p CPM of the raw counts in ``X``.
         max_units
             Units embedded at most (a seeded random subset beyond it).
         batch_size
@@ -384,6 +385,7 @@ class EmbeddingRidge(_SlidingWindowModel):
             shapes_key=shapes_key,
             genes=self.var_names,
             space="normalised",
+            target_layer=target_layer,
         )
         total = sum(len(u.centers) for s in sections for u in s.units)
         if total > max_units:
@@ -411,13 +413,14 @@ class EmbeddingRidge(_SlidingWindowModel):
         self.fit_params = {
             "image_key": image_key,
             "table_keys": table_keys,
+            "target_layer": target_layer,
             "n_units": len(X),
             "seed": seed,
             "n_components": int(self.ridge["components"].shape[0]),
             "alpha": float(self.ridge["alpha"]),
         }
         if self.normalization is None:
-            self.normalization = _target_normalization(data, table_keys[0])
+            self.normalization = _target_normalization(data, table_keys[0], target_layer)
         return self
 
     def _fit_ridge(self, X: np.ndarray, Y: np.ndarray) -> None:

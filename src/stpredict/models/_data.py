@@ -23,7 +23,6 @@ from scipy import sparse
 
 from stpredict._errors import InputError
 from stpredict._geometry import affine_between, apply_affine, scale_levels, um_per_px
-from stpredict._keys import Attrs
 from stpredict._validation import check_raw_counts
 
 from ._footprints import DISK, RECT, footprint_weights
@@ -106,21 +105,31 @@ class Section:
 # --- targets -------------------------------------------------------------------------------------------------------
 
 
-def log1p_cpm(counts: Any, *, target_sum: float = 1e4) -> np.ndarray:
-    """``log1p(counts / total · target_sum)`` per unit, totals over all genes given (TRIPLEX / PixNet targets)."""
-    X = counts.toarray() if sparse.issparse(counts) else np.asarray(counts)
-    X = X.astype(np.float64, copy=False)
-    total = X.sum(axis=1, keepdims=True)
+def log1p_cpm(counts: Any, *, target_sum: float = 1e4, columns: np.ndarray | None = None) -> np.ndarray:
+    """``log1p(counts / total · target_sum)`` per unit, totals over all genes (TRIPLEX / PixNet targets).
+
+    Same values as :func:`stpredict.pp.normalize` with ``method="log1p_cpm"`` (no smoothing); only ``columns``
+    (default: all) are densified, so a sparse table with many genes stays cheap.
+    """
+    total = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1, 1)
+    sub = counts if columns is None else counts[:, columns]
+    X = sub.toarray() if sparse.issparse(sub) else np.asarray(sub)
     scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
-    return np.log1p(X * scale).astype(np.float32)
+    return np.log1p(X.astype(np.float64) * scale).astype(np.float32)
 
 
-def _is_normalised(table: AnnData) -> bool:
-    return isinstance(table.uns.get(Attrs.root), dict) and "normalize" in table.uns[Attrs.root]
+def _dense_rows(matrix: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    sub = matrix[rows][:, cols]
+    return np.asarray(sub.toarray() if sparse.issparse(sub) else sub, dtype=np.float32)
 
 
 def _table_targets(
-    table: AnnData, rows: np.ndarray, genes: Sequence[str], space: Literal["normalised", "counts"], key: str
+    table: AnnData,
+    rows: np.ndarray,
+    genes: Sequence[str],
+    space: Literal["normalised", "counts"],
+    key: str,
+    target_layer: str | None,
 ) -> np.ndarray:
     missing = [g for g in genes if g not in table.var_names]
     if missing:
@@ -130,22 +139,20 @@ def _table_targets(
         )
         raise InputError(msg)
     cols = table.var_names.get_indexer(list(genes))
-    X = table.X
+    if space == "normalised" and target_layer is not None:
+        if target_layer not in table.layers:
+            msg = (
+                f"Table {key!r} has no layer {target_layer!r} (layers: {sorted(table.layers)}). Write it with "
+                f"`st.pp.normalize(table, key_added={target_layer!r})`, or leave target_layer=None to use "
+                "log1p CPM of the raw counts in X."
+            )
+            raise InputError(msg)
+        return _dense_rows(table.layers[target_layer], rows, cols)
+    hint = "" if space == "counts" else " (or pass target_layer= naming a layer of normalised values)"
+    check_raw_counts(table.X, name=f"counts in X of table {key!r}{hint}")
     if space == "normalised":
-        if _is_normalised(table):
-            sub = X[rows][:, cols]
-            return np.asarray(sub.toarray() if sparse.issparse(sub) else sub, dtype=np.float32)
-        check_raw_counts(X, name=f"counts of table {key!r}")
-        return log1p_cpm(X[rows])[:, cols]
-    if _is_normalised(table):
-        msg = (
-            f"Table {key!r} holds normalised values, but loss='poisson'/'nb' (density mode) needs raw counts. "
-            "Pass the raw-count table, or use loss='paper'."
-        )
-        raise InputError(msg)
-    check_raw_counts(X, name=f"counts of table {key!r}")
-    sub = X[rows][:, cols]
-    return np.asarray(sub.toarray() if sparse.issparse(sub) else sub, dtype=np.float32)
+        return log1p_cpm(table.X[rows], columns=cols)
+    return _dense_rows(table.X, rows, cols)
 
 
 # --- geometry ------------------------------------------------------------------------------------------------------
@@ -227,6 +234,7 @@ def build_sections(
     shapes_key: str | None,
     genes: Sequence[str],
     space: Literal["normalised", "counts"],
+    target_layer: str | None = None,
 ) -> list[Section]:
     """Collect units, footprints and targets of every section (nothing is read from the images yet).
 
@@ -243,8 +251,10 @@ def build_sections(
     genes
         Target genes, in model order.
     space
-        ``"normalised"`` (log1p CPM over all of a table's genes unless the table is already normalised with
-        :func:`stpredict.pp.normalize`) or ``"counts"`` (raw counts).
+        ``"normalised"`` (``target_layer``, or log1p CPM of the raw counts in ``X`` over all of a table's genes)
+        or ``"counts"`` (raw counts in ``X``).
+    target_layer
+        Layer of normalised targets (e.g. ``"log1p_cpm"`` written by :func:`stpredict.pp.normalize`).
     """
     sdatas = [data] if not isinstance(data, list | tuple) else list(data)
     if not sdatas:
@@ -264,7 +274,7 @@ def build_sections(
             rows = np.flatnonzero(table.obs[region_key].astype(str).to_numpy() == skey)
             index = table.obs[instance_key].to_numpy()[rows]
             centers, half, kinds = _unit_geometry(sdata, skey, image_key, index)
-            targets = _table_targets(table, rows, genes, space, key)
+            targets = _table_targets(table, rows, genes, space, key, target_layer)
             units.append(UnitSet(key, centers, half, kinds, targets, np.ones(len(rows), dtype=bool)))
         sections.append(Section(levels, factors, image_um, units))
     return sections

@@ -257,6 +257,7 @@ def fit(
     table_key: str | Sequence[str] = "table",
     shapes_key: str | None = None,
     genes: Sequence[str] | None = None,
+    target_layer: str | None = None,
     loss: Literal["paper", "poisson", "nb"] | None = None,
     reduce: Literal["sum", "mean"] | None = None,
     pcc_weight: float = 0.5,
@@ -303,6 +304,10 @@ def fit(
         Shapes element the tables annotate, if a table annotates several.
     genes
         Must equal ``model.var_names`` when given (the network's outputs are fixed at construction).
+    target_layer
+        Paper mode: layer of normalised targets, e.g. ``"log1p_cpm"`` from :func:`stpredict.pp.normalize`
+        (its parameters are recorded as ``model.normalization``). ``None``: log1p CPM (target sum 1e4) of the
+        raw counts in ``X``, totals over all of the table's genes.
     loss
         ``"paper"``: normalised (log1p CPM) targets, MSE + ``pcc_weight`` · (1 − PCC) (SPEC.md §2.4); needs
         ``value_kind="intensive"``. ``"poisson"`` / ``"nb"``: raw counts given expected counts, the map a density in
@@ -369,9 +374,18 @@ def fit(
     if not 0.0 <= validation_fraction < 1.0:
         msg = f"validation_fraction must be in [0, 1), got {validation_fraction!r}."
         raise InputError(msg)
+    if target_layer is not None and loss != "paper":
+        msg = "target_layer names normalised targets (loss='paper'); poisson/nb losses use the raw counts in X."
+        raise InputError(msg)
     inputs = getattr(model, "_fit_inputs", "tiles")
     space = "normalised" if loss == "paper" else "counts"
-    build = {"image_key": image_key, "table_keys": table_keys, "shapes_key": shapes_key, "space": space}
+    build = {
+        "image_key": image_key,
+        "table_keys": table_keys,
+        "shapes_key": shapes_key,
+        "space": space,
+        "target_layer": target_layer,
+    }
     sections = build_sections(data, genes=list(model.var_names), **build)
     val_sections = None
     if validation_data is not None:
@@ -459,6 +473,7 @@ def fit(
     params: dict[str, Any] = {
         "image_key": image_key,
         "table_keys": table_keys,
+        "target_layer": target_layer,
         "loss": loss,
         "reduce": reduce,
         "pcc_weight": pcc_weight,
@@ -476,17 +491,18 @@ def fit(
         params["nb_theta"] = plan.log_theta.detach().cpu().exp().tolist()
     model.fit_params = params
     if loss == "paper" and getattr(model, "normalization", None) is None:
-        model.normalization = _target_normalization(data, table_keys[0])
+        model.normalization = _target_normalization(data, table_keys[0], target_layer)
     logger.info("fit: %d epochs, best epoch %d", params["epochs_run"], history["best_epoch"])
     return model
 
 
-def _target_normalization(data: Any, table_key: str) -> dict[str, Any]:
-    """The normalisation the paper-mode targets were in (read back from the table when it was pre-normalised)."""
+def _target_normalization(data: Any, table_key: str, target_layer: str | None) -> dict[str, Any]:
+    """The normalisation paper-mode targets were in: the layer's ``st.pp.normalize`` record, or log1p CPM."""
     from stpredict._keys import Attrs
 
+    if target_layer is None:
+        return {"method": "log1p_cpm", "target_sum": 1e4}
     first = data if not isinstance(data, list | tuple) else data[0]
-    uns = first.tables[table_key].uns.get(Attrs.root, {})
-    if isinstance(uns, dict) and "normalize" in uns:
-        return dict(uns["normalize"])
-    return {"method": "log1p_cpm", "target_sum": 1e4}
+    records = first.tables[table_key].uns.get(Attrs.root, {}).get("normalize", {})
+    record = records.get(target_layer) if isinstance(records, dict) else None
+    return dict(record) if isinstance(record, dict) else {"method": "unknown", "layer": target_layer}
