@@ -26,6 +26,7 @@ from ._io import load_state_dict
 
 if TYPE_CHECKING:
     import os
+
     import torch
 
 __all__ = [
