@@ -1,0 +1,280 @@
+"""Thin helpers over the spatialdata-io readers for 10x Visium, Visium HD and Xenium.
+
+Each calls the spatialdata-io reader, keeps the H&E image under ``image_key`` (``"he"``), and calibrates it:
+``um_per_px`` if given, else the scale recorded by the reader (:func:`stpredict.io.infer_um_per_px`). Tables,
+shapes and their annotation keys stay as spatialdata-io writes them, except where a helper documents a rename;
+downstream code reads ``region``/``region_key``/``instance_key`` from ``table.uns["spatialdata_attrs"]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from stpredict._errors import InputError
+from stpredict._geometry import get_element, set_um_per_px
+from stpredict._keys import Keys
+from stpredict._logging import get_logger
+from stpredict._meta import set_element_meta
+
+from ._build import check_positive
+from ._metadata import infer_um_per_px
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+__all__ = ["adopt_image", "read_visium", "read_visium_hd", "read_xenium", "rename_element"]
+
+logger = get_logger(__name__)
+
+ImageChoice = Literal["auto", "full", "hires", "lowres"]
+_VISIUM_SUFFIXES = {"full": "_full_image", "hires": "_hires_image", "lowres": "_lowres_image"}
+_COUNTS_FILE = "filtered_feature_bc_matrix.h5"
+
+
+def read_visium(
+    path: str | Path,
+    *,
+    dataset_id: str | None = None,
+    image: ImageChoice = "auto",
+    fullres_image_file: str | Path | None = None,
+    um_per_px: float | None = None,
+    image_key: str = Keys.image,
+    shapes_key: str = Keys.spots,
+    table_key: str = Keys.table,
+    **kwargs: Any,
+) -> SpatialData:
+    """Read a Space Ranger Visium output folder with :func:`spatialdata_io.visium`, in stpredict's layout.
+
+    Parameters
+    ----------
+    path
+        The Space Ranger ``outs`` folder (``filtered_feature_bc_matrix.h5``, ``spatial/``).
+    dataset_id
+        Passed to spatialdata-io; defaults to the folder name when the counts file has no library prefix.
+    image
+        Which image becomes ``images[image_key]``: ``"full"`` (the microscope image, needs
+        ``fullres_image_file``), ``"hires"``, ``"lowres"``, or ``"auto"`` = the finest one present. The others
+        stay under spatialdata-io's names.
+    fullres_image_file
+        The full-resolution H&E given to Space Ranger (relative to ``path`` or absolute).
+    um_per_px
+        Override the pixel size; by default it follows from the scale factors: a spot is 55 µm across and
+        ``spot_diameter_fullres`` full-resolution pixels, and the chosen image's scale factor maps those to its
+        pixels.
+    image_key, shapes_key, table_key
+        Names of the image, the spot circles (renamed from ``dataset_id``) and the table.
+    kwargs
+        Passed to :func:`spatialdata_io.visium` (e.g. ``counts_file``).
+
+    Returns
+    -------
+    SpatialData with ``images[image_key]``, ``shapes[shapes_key]`` (circles in full-resolution pixels, index =
+    ``spot_id``), ``tables[table_key]`` (counts; ``region_key="region"``, ``instance_key="spot_id"``,
+    ``obsm["spatial"]`` in full-resolution pixels), all calibrated in the ``"um"`` coordinate system.
+    """
+    import spatialdata_io
+
+    folder = Path(path)
+    if dataset_id is None and (folder / kwargs.get("counts_file", _COUNTS_FILE)).is_file():
+        dataset_id = folder.name
+    if fullres_image_file is not None:
+        kwargs["fullres_image_file"] = fullres_image_file
+    sdata = spatialdata_io.visium(folder, dataset_id=dataset_id, **kwargs)
+    dataset_id = dataset_id or _single_shapes_key(sdata)
+    chosen = _choose_visium_image(sdata, dataset_id, image)
+    if dataset_id in sdata.shapes:
+        rename_element(sdata, dataset_id, shapes_key)
+    if "table" in sdata.tables and table_key != "table":
+        sdata.tables[table_key] = sdata.tables.pop("table")
+    _counts_as_float32(sdata)
+    return adopt_image(sdata, chosen, image_key=image_key, um_per_px=um_per_px, source=str(folder))
+
+
+def read_visium_hd(
+    path: str | Path,
+    *,
+    dataset_id: str | None = None,
+    image: ImageChoice = "auto",
+    um_per_px: float | None = None,
+    image_key: str = Keys.image,
+    **kwargs: Any,
+) -> SpatialData:
+    """Read a Space Ranger Visium HD output folder with :func:`spatialdata_io.visium_hd` and calibrate it.
+
+    Bins stay as spatialdata-io writes them: shapes ``"<dataset_id>_square_008um"`` (etc.) in full-resolution
+    pixels, tables ``"square_008um"`` (etc.). The pixel size follows from the bins' nominal size in µm and their
+    size in pixels, unless ``um_per_px`` is given.
+
+    Parameters
+    ----------
+    path
+        The Space Ranger ``outs`` folder.
+    dataset_id
+        Passed to spatialdata-io (inferred from the file names by default).
+    image
+        ``"full"``, ``"hires"``, ``"lowres"`` or ``"auto"`` (the finest present) becomes ``images[image_key]``.
+    um_per_px
+        Override the pixel size.
+    image_key
+        Name of the chosen H&E image.
+    kwargs
+        Passed to :func:`spatialdata_io.visium_hd` (e.g. ``bin_size=8``, ``fullres_image_file``).
+    """
+    import spatialdata_io
+
+    sdata = spatialdata_io.visium_hd(path, dataset_id=dataset_id, **kwargs)
+    prefix = dataset_id or _common_prefix([k for k in sdata.images if k.endswith(tuple(_VISIUM_SUFFIXES.values()))])
+    chosen = _choose_visium_image(sdata, prefix, image)
+    _counts_as_float32(sdata)
+    return adopt_image(sdata, chosen, image_key=image_key, um_per_px=um_per_px, source=str(path))
+
+
+def read_xenium(
+    path: str | Path,
+    *,
+    he_image: str = "he_image",
+    um_per_px: float | None = None,
+    image_key: str = Keys.image,
+    **kwargs: Any,
+) -> SpatialData:
+    """Read a Xenium output folder with :func:`spatialdata_io.xenium`, keeping the aligned H&E as ``image_key``.
+
+    The H&E must be in the bundle as ``*he_image.ome.tif`` with its ``*he_imagealignment.csv`` (what
+    spatialdata-io's ``aligned_images=True`` reads); for an H&E registered elsewhere, add it with
+    :func:`spatialdata_io.xenium_aligned_image` first, or build the layout with
+    :func:`stpredict.io.from_image_and_table`. The pixel size follows from the transcripts, which Xenium stores in
+    µm, mapped into the H&E's pixels through the alignment, unless ``um_per_px`` is given.
+
+    Parameters
+    ----------
+    path
+        The Xenium output folder.
+    he_image
+        Name spatialdata-io gives the aligned H&E.
+    um_per_px
+        Override the pixel size.
+    image_key
+        Name of the H&E image in the result.
+    kwargs
+        Passed to :func:`spatialdata_io.xenium` (e.g. ``cells_as_circles=True``, ``transcripts=True``).
+    """
+    import spatialdata_io
+
+    sdata = spatialdata_io.xenium(path, **kwargs)
+    if he_image not in sdata.images:
+        msg = (
+            f"The Xenium bundle at {str(path)!r} has no aligned H&E image {he_image!r} (images: "
+            f"{sorted(sdata.images)}). Put the `*he_image.ome.tif` and its alignment CSV into the folder, keep "
+            "`aligned_images=True`, or pass `he_image=` with the right name."
+        )
+        raise InputError(msg)
+    _counts_as_float32(sdata)
+    return adopt_image(sdata, he_image, image_key=image_key, um_per_px=um_per_px, source=str(path))
+
+
+def adopt_image(
+    sdata: SpatialData,
+    name: str,
+    *,
+    image_key: str = Keys.image,
+    um_per_px: float | None = None,
+    source: str | None = None,
+) -> SpatialData:
+    """Rename image ``name`` to ``image_key`` and calibrate it (``um_per_px`` or inferred from the metadata).
+
+    Raises
+    ------
+    InputError
+        If the pixel size is neither given nor recorded; nothing is changed then.
+    """
+    if um_per_px is not None:
+        value = check_positive(um_per_px, "um_per_px", "Pass the image's pixel size in micrometres.")
+    else:
+        inferred = infer_um_per_px(sdata, name)
+        if inferred is None:
+            msg = (
+                f"The pixel size of image {name!r} is not recorded in the reader's metadata. Pass `um_per_px=` "
+                "(micrometres per pixel of that image)."
+            )
+            raise InputError(msg)
+        value = inferred
+    rename_element(sdata, name, image_key)
+    set_um_per_px(sdata, image_key, value)
+    meta = {"um_per_px": value, "reader": sdata.attrs.get("spatialdata_io_reader"), "element": name}
+    if source is not None:
+        meta["source"] = source
+    set_element_meta(sdata, image_key, sdata.images[image_key], {k: v for k, v in meta.items() if v is not None})
+    logger.info("Image %r (was %r) at %.6g µm per pixel.", image_key, name, value)
+    return sdata
+
+
+def rename_element(sdata: SpatialData, old: str, new: str) -> None:
+    """Rename an image/labels/shapes/points element in memory and retarget the tables that annotate it."""
+    if old == new:
+        return
+    element = get_element(sdata, old)
+    group = next(g for g in ("images", "labels", "shapes", "points") if old in getattr(sdata, g))
+    if new in {name for _, name, _ in sdata.gen_elements()}:
+        msg = f"Cannot rename {old!r} to {new!r}: an element {new!r} exists. Choose another key."
+        raise InputError(msg)
+    getattr(sdata, group)[new] = element
+    for table in sdata.tables.values():
+        attrs = table.uns.get("spatialdata_attrs", {})
+        region = attrs.get("region")
+        regions = [region] if isinstance(region, str) else list(region or [])
+        if old not in regions:
+            continue
+        region_key = attrs["region_key"]
+        values = table.obs[region_key].astype(str).replace(old, new)
+        table.obs[region_key] = pd.Categorical(values)
+        attrs["region"] = new if isinstance(region, str) else [new if r == old else r for r in regions]
+    del getattr(sdata, group)[old]
+
+
+def _counts_as_float32(sdata: SpatialData) -> None:
+    """Tables whose ``X`` holds raw counts get them as csr float32 (stpredict's convention); others are left."""
+    from scipy import sparse
+
+    from stpredict._validation import check_raw_counts
+
+    for name, table in sdata.tables.items():
+        if table.X is None or (sparse.issparse(table.X) and table.X.dtype == np.float32 and table.X.format == "csr"):
+            continue
+        try:
+            check_raw_counts(table.X, name=f"tables[{name!r}].X")
+        except InputError as error:
+            logger.info("Table %r left as read: %s", name, error)
+            continue
+        table.X = sparse.csr_matrix(table.X, dtype=np.float32)
+
+
+def _choose_visium_image(sdata: SpatialData, prefix: str | None, choice: ImageChoice) -> str:
+    order = ("full", "hires", "lowres") if choice == "auto" else (choice,)
+    if choice not in ("auto", *_VISIUM_SUFFIXES):
+        msg = f"image must be 'auto', 'full', 'hires' or 'lowres', got {choice!r}."
+        raise InputError(msg)
+    for option in order:
+        name = f"{prefix or ''}{_VISIUM_SUFFIXES[option]}"
+        if name in sdata.images:
+            return name
+    msg = (
+        f"No {choice if choice != 'auto' else 'H&E'} image found (images: {sorted(sdata.images)}). For the full "
+        "resolution image pass `fullres_image_file=`; otherwise choose `image=` among those present."
+    )
+    raise InputError(msg)
+
+
+def _single_shapes_key(sdata: SpatialData) -> str | None:
+    return next(iter(sdata.shapes), None) if len(sdata.shapes) == 1 else None
+
+
+def _common_prefix(names: list[str]) -> str | None:
+    for suffix in _VISIUM_SUFFIXES.values():
+        for name in names:
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+    return None
