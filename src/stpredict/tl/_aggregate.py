@@ -1,0 +1,853 @@
+"""Aggregate any image with channels (dense maps, ground truth, H&E) into an AnnData table.
+
+Three kinds of units, all with exact pixel-area weights (each pixel counts by the area it shares with the unit):
+
+* square bins of any size in µm on a grid defined in the ``"um"`` coordinate system (see :class:`Grid`),
+* circles and polygons of a shapes element,
+* the labels of a labels element at any resolution.
+
+Value semantics (``reduce``)
+    ``"mean"``: the area-weighted mean ``Σ v·a / Σ a`` over the pixels of the map, ``a`` being the area each
+    pixel shares with the unit. ``"sum"``: the integral of the map over the unit. For a map declared
+    ``"density"`` (expected counts per µm²) it is ``Σ v·a`` with ``a`` in µm², i.e. expected counts in the unit;
+    for a map with no declared kind it is ``Σ v·a`` with ``a`` in pixels (a plain pixel sum, like
+    ``spatialdata.aggregate``). ``uns["stpredict"]["sum_unit"]`` records which.
+
+Pyramids
+    Only the full-resolution level is read: spatialdata builds coarser levels by resampling, which is not the
+    exact area mean, so no coarser level gives a result identical to the finest one.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from stpredict._errors import InputError
+from stpredict._geometry import affine_between, apply_affine, get_element, scale_levels, to_um_affine
+from stpredict._keys import Attrs, Keys
+from stpredict._logging import get_logger
+from stpredict._meta import get_element_meta
+from stpredict._settings import settings
+from stpredict.kernels import axis_table, labels_sum, rect_sum, shapes_sum
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import geopandas as gpd
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+__all__ = ["ID_STRIDE", "Grid", "aggregate", "bins_geodataframe", "grid_from_args", "grid_transformations"]
+
+logger = get_logger(__name__)
+
+#: Default memory for one block of the map read at a time.
+BLOCK_BYTES = 128 * 2**20
+_AXIS_TOL = 1e-9
+
+#: Instance id of bin (r, k) is ``r * ID_STRIDE + k``.
+ID_STRIDE = 10**7
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A square grid in µm: bin size and the origin reduced into ``(-size, 0]``."""
+
+    size: float
+    x0: float
+    y0: float
+
+    @classmethod
+    def make(cls, size: float, origin: tuple[float, float] = (0.0, 0.0)) -> Grid:
+        """Grid of ``size`` µm through ``origin`` (µm); the origin is reduced modulo ``size``."""
+        size = float(size)
+
+        def reduce(o: float) -> float:
+            q = o / size
+            if abs(q - round(q)) < 1e-9:  # on the lattice up to float noise
+                return 0.0
+            return o - math.ceil(q) * size
+
+        return cls(size, reduce(float(origin[0])), reduce(float(origin[1])))
+
+    def index_range(self, lo: float, hi: float, axis: str) -> tuple[int, int]:
+        """Bin indices ``[k0, k1)`` along ``axis`` ("x"/"y") that meet the µm interval ``[lo, hi)``."""
+        o = self.x0 if axis == "x" else self.y0
+        return max(0, math.floor((lo - o) / self.size + 1e-9)), max(0, math.ceil((hi - o) / self.size - 1e-9))
+
+    def edges(self, k0: int, k1: int, axis: str) -> np.ndarray:
+        """µm edges of bins ``k0 … k1-1`` (``k1 - k0 + 1`` values)."""
+        o = self.x0 if axis == "x" else self.y0
+        return o + self.size * np.arange(k0, k1 + 1, dtype=np.float64)
+
+    def assign(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(array_row, array_col)`` of the bins holding points at ``(x_um, y_um)`` (a point on an edge goes up)."""
+        col = np.floor((np.asarray(x_um) - self.x0) / self.size).astype(np.int64)
+        row = np.floor((np.asarray(y_um) - self.y0) / self.size).astype(np.int64)
+        return row, col
+
+    def ids(self, row: np.ndarray, col: np.ndarray) -> np.ndarray:
+        """Instance ids of bins; raises where an index falls outside ``[0, ID_STRIDE)``."""
+        row, col = np.asarray(row, dtype=np.int64), np.asarray(col, dtype=np.int64)
+        if row.size and (row.min() < 0 or col.min() < 0 or col.max() >= ID_STRIDE or row.max() >= ID_STRIDE):
+            msg = (
+                "Some units lie at negative µm coordinates (before the grid origin) or more than "
+                f"{ID_STRIDE} bins away; bins are numbered from the image corner. Check the transformations."
+            )
+            raise InputError(msg)
+        return row * ID_STRIDE + col
+
+    def params(self) -> dict[str, Any]:
+        """JSON-serialisable description, stored in ``uns``."""
+        return {"bin_size_um": self.size, "origin_um": [self.x0, self.y0], "id_stride": ID_STRIDE}
+
+
+def _grid_origin_from_shapes(sdata: SpatialData, key: str) -> tuple[float, float]:
+    """Origin (µm) of an existing axis-aligned grid of square bins or circles stored as shapes ``key``."""
+    import shapely
+
+    shapes = sdata.shapes[key]
+    if len(shapes) == 0:
+        msg = f"Shapes {key!r} are empty; `align_to` needs an existing grid of bins."
+        raise InputError(msg)
+    centres = shapely.get_coordinates(shapes.geometry.centroid)
+    um = apply_affine(to_um_affine(sdata, key), centres)
+    if "radius" in shapes.columns and (shapes.geometry.geom_type == "Point").all():
+        pitch_guess = None
+    else:
+        b = shapely.bounds(shapes.geometry.to_numpy())
+        corners = apply_affine(to_um_affine(sdata, key), b[:, :2]), apply_affine(to_um_affine(sdata, key), b[:, 2:])
+        pitch_guess = float(np.median(np.abs(corners[1][:, 0] - corners[0][:, 0])))
+    xs = np.unique(np.round(um[:, 0], 6))
+    pitch = pitch_guess if pitch_guess else float(np.median(np.diff(xs))) if xs.size > 1 else None
+    if not pitch or pitch <= 0:
+        msg = f"Cannot find the pitch of the grid {key!r}; pass `origin_um=(x0, y0)` instead of `align_to`."
+        raise InputError(msg)
+    fx = (um[:, 0] / pitch) - np.round(um[:, 0] / pitch)
+    fy = (um[:, 1] / pitch) - np.round(um[:, 1] / pitch)
+    # the centres sit on a lattice offset by a common fraction of the pitch when the grid is axis-aligned
+    dx = fx - np.median(fx)
+    dy = fy - np.median(fy)
+    dx, dy = (d - np.round(d) for d in (dx, dy))
+    if np.abs(dx).max() > 0.01 or np.abs(dy).max() > 0.01:
+        msg = (
+            f"The units of {key!r} are not on an axis-aligned square lattice in µm (for example a Visium HD grid "
+            "registered with a rotation), so square bins cannot match them one to one. Aggregate onto their "
+            f"shapes with `shapes_key={key!r}` instead, or pass `origin_um`."
+        )
+        raise InputError(msg)
+    i = int(np.argmin(um[:, 0] + um[:, 1]))
+    return float(um[i, 0] - pitch / 2), float(um[i, 1] - pitch / 2)
+
+
+def grid_from_args(
+    sdata: SpatialData,
+    bin_size: float,
+    origin_um: tuple[float, float] | None,
+    align_to: str | None,
+) -> Grid:
+    """Validate the grid arguments and build the :class:`Grid`."""
+    if isinstance(bin_size, bool) or not isinstance(bin_size, int | float | np.number) or not np.isfinite(bin_size):
+        msg = f"bin_size must be a positive number of µm, got {bin_size!r}."
+        raise InputError(msg)
+    if bin_size <= 0:
+        msg = f"bin_size must be positive (µm), got {bin_size!r}."
+        raise InputError(msg)
+    if origin_um is not None and align_to is not None:
+        msg = "Pass either `origin_um` or `align_to`, not both."
+        raise InputError(msg)
+    if align_to is not None:
+        if align_to not in sdata.shapes:
+            msg = f"No shapes {align_to!r} to align the grid to; available shapes: {sorted(sdata.shapes)}."
+            raise KeyError(msg)
+        origin_um = _grid_origin_from_shapes(sdata, align_to)
+    if origin_um is not None:
+        origin = tuple(float(v) for v in origin_um)
+        if len(origin) != 2 or not all(np.isfinite(origin)):
+            msg = f"origin_um must be two finite numbers (x, y) in µm, got {origin_um!r}."
+            raise InputError(msg)
+    else:
+        origin = (0.0, 0.0)
+    return Grid.make(float(bin_size), origin)
+
+
+def bins_geodataframe(grid: Grid, row: np.ndarray, col: np.ndarray, ids: np.ndarray) -> gpd.GeoDataFrame:
+    """Square polygons of the bins in µm, indexed by instance id (built vectorised with ``shapely.box``)."""
+    import geopandas as gpd
+    import shapely
+
+    x0 = grid.x0 + grid.size * np.asarray(col, dtype=np.float64)
+    y0 = grid.y0 + grid.size * np.asarray(row, dtype=np.float64)
+    geometry = shapely.box(x0, y0, x0 + grid.size, y0 + grid.size)
+    return gpd.GeoDataFrame(geometry=geometry, index=np.asarray(ids))
+
+
+def grid_transformations(sdata: SpatialData, reference_key: str) -> dict[str, Any]:
+    """Transformations for an element in µm intrinsic coordinates placed like ``reference_key``.
+
+    ``"um"`` gets the identity; every other coordinate system of the reference gets its transformation composed
+    with the inverse of the reference's µm affine.
+    """
+    from spatialdata.transformations import Affine, Identity, get_transformation
+
+    from stpredict._settings import settings
+
+    to_um = to_um_affine(sdata, reference_key)
+    out: dict[str, Any] = {settings.um_coordinate_system: Identity()}
+    for cs, t in get_transformation(get_element(sdata, reference_key), get_all=True).items():
+        if cs == settings.um_coordinate_system:
+            continue
+        m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
+        out[cs] = Affine(m @ np.linalg.inv(to_um), input_axes=("x", "y"), output_axes=("x", "y"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Map access, block by block
+
+
+def _float_block(block: Any) -> np.ndarray:
+    arr = np.asarray(block)
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float32)
+    return np.ascontiguousarray(arr)
+
+
+def _is_dask(data: Any) -> bool:
+    return hasattr(data, "dask") and hasattr(data, "chunks")
+
+
+def _tiles(shape: tuple[int, int, int], itemsize: int, chunks: Any, block_bytes: int) -> list[tuple[int, ...]]:
+    """Tiles ``(y0, y1, x0, x1)`` of the raster with ``c·h·w·itemsize <= block_bytes``, aligned to dask chunks."""
+    n_c, ny, nx = shape
+    ch = chunks[1][0] if chunks is not None else ny
+    cw = chunks[2][0] if chunks is not None else nx
+    if n_c * ny * nx * itemsize <= block_bytes:
+        return [(0, ny, 0, nx)]
+    side = max(64, int(math.sqrt(block_bytes / (n_c * itemsize))))
+    h = max(ch, (side // ch) * ch) if ch <= side else side
+    w = max(1, block_bytes // (n_c * itemsize * h))
+    w = max(cw, (w // cw) * cw) if cw <= w else max(64, w)
+    return [(y, min(ny, y + h), x, min(nx, x + w)) for y in range(0, ny, h) for x in range(0, nx, w)]
+
+
+def _prefetched(data: Any, tiles: list[tuple[int, ...]]) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """Yield ``(tile, block)`` with the next block read in a background thread while the caller computes."""
+
+    def load(t: tuple[int, ...]) -> np.ndarray:
+        y0, y1, x0, x1 = t
+        block = data[:, y0:y1, x0:x1]
+        if _is_dask(block):
+            block = block.compute()
+        return _float_block(block)
+
+    if not _is_dask(data):
+        for t in tiles:
+            yield t, load(t)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(load, tiles[0]) if tiles else None
+        for i, t in enumerate(tiles):
+            block = future.result()
+            future = pool.submit(load, tiles[i + 1]) if i + 1 < len(tiles) else None
+            yield t, block
+
+
+def _progress(iterable: Any, total: int, desc: str, show: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    show = settings.show_progress_bar if show is None else show
+    return tqdm(iterable, total=total, desc=desc, disable=not show or total <= 1)
+
+
+def _grid_bands(
+    data: Any, ye: np.ndarray, xe: np.ndarray, block_bytes: int, show: bool | None, desc: str
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Exact-overlap sums over a separable grid, one band of bin rows at a time.
+
+    ``ye``/``xe`` are bin edges in ``data``'s pixel space. Yields ``(r0, r1, sums)`` with ``sums`` of shape
+    ``(c, r1 - r0, len(xe) - 1)`` (float64), memory bounded by the band and one block of ``data``.
+    """
+    n_c, ny, nx = (int(v) for v in data.shape)
+    nby, nbx = ye.size - 1, xe.size - 1
+    itemsize = 8 if data.dtype == np.float64 else 4
+    dask = _is_dask(data)
+    if not dask:
+        out = np.zeros((n_c, nby, nbx))
+        rect_sum(_float_block(data), axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx), out)
+        yield 0, nby, out
+        return
+    ch = int(data.chunks[1][0])
+    bin_h = (ye[-1] - ye[0]) / max(nby, 1)
+    per_band = max(1, int(ch // max(bin_h, 1e-12)))
+    # keep the band accumulator itself within the block budget
+    per_band = max(1, min(per_band, block_bytes // max(1, 8 * n_c * nbx)))
+    bands = [(r, min(nby, r + per_band)) for r in range(0, nby, per_band)]
+    for r0, r1 in _progress(bands, len(bands), desc, show):
+        out = np.zeros((n_c, r1 - r0, nbx))
+        py0 = int(min(max(math.floor(ye[r0]), 0), ny))
+        py1 = int(min(max(math.ceil(ye[r1]), 0), ny))
+        if py1 > py0:
+            tiles = [
+                (py0 + t[0], py0 + t[1], t[2], t[3])
+                for t in _tiles((n_c, py1 - py0, nx), itemsize, data.chunks, block_bytes)
+            ]
+            ty_cache: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+            for (y0, y1, x0, x1), block in _prefetched(data, tiles):
+                ty = ty_cache.get((y0, y1))
+                if ty is None:
+                    ty = ty_cache[(y0, y1)] = axis_table(ye[r0:r1] - y0, ye[r0 + 1 : r1 + 1] - y0, y1 - y0)
+                k0 = max(0, int(np.searchsorted(xe, x0, side="right")) - 1)
+                k1 = min(nbx, int(np.searchsorted(xe, x1, side="left")))
+                if k1 <= k0:
+                    continue
+                tx = axis_table(xe[k0:k1] - x0, xe[k0 + 1 : k1 + 1] - x0, x1 - x0)
+                rect_sum(block, ty, tx, out, offset=(0, k0))
+        yield r0, r1, out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass
+class _Map:
+    key: str
+    data: Any  # (c, y, x) numpy or dask array of the full-resolution level
+    channels: list[str]
+    channel_index: np.ndarray
+    px_area_um2: float | None
+    to_um: np.ndarray | None
+    value_kind: str | None
+    reduce: str
+
+
+def _axis_aligned(m: np.ndarray) -> bool:
+    scale = max(abs(m[0, 0]), abs(m[1, 1]), 1e-300)
+    return abs(m[0, 1]) <= _AXIS_TOL * scale and abs(m[1, 0]) <= _AXIS_TOL * scale and m[0, 0] > 0 and m[1, 1] > 0
+
+
+def _check_map(sdata: SpatialData, image_key: str, genes: Any, reduce: str | None, force: bool, need_um: bool) -> _Map:
+    if image_key not in sdata.images:
+        msg = f"No image {image_key!r} in the SpatialData; available images: {sorted(sdata.images)}."
+        raise KeyError(msg)
+    element = sdata.images[image_key]
+    level = scale_levels(element)[0]
+    names = [str(c) for c in level.coords["c"].values] if "c" in level.coords else []
+    if not names or not all(isinstance(c, str) for c in level.coords["c"].values.tolist()):
+        msg = (
+            f"The channels of {image_key!r} have no names (c = {names}); aggregate writes them as var_names. "
+            "Parse the image with `Image2DModel.parse(..., c_coords=[gene names])`."
+        )
+        raise InputError(msg)
+    if len(set(names)) != len(names):
+        msg = f"The channel names of {image_key!r} are not unique; rename the duplicated channels."
+        raise InputError(msg)
+    if genes is None:
+        index = np.arange(len(names))
+    else:
+        genes = [genes] if isinstance(genes, str) else list(genes)
+        missing = [g for g in genes if g not in names]
+        if missing or not genes:
+            msg = f"Genes {missing[:10]} are not channels of {image_key!r} (it has {len(names)}, e.g. {names[:5]})."
+            raise KeyError(msg) if missing else InputError("`genes` is empty; pass None for all channels.")
+        position = {n: i for i, n in enumerate(names)}
+        index = np.array([position[g] for g in genes])
+    meta = get_element_meta(sdata, image_key, element)
+    kind = meta.get(Attrs.value_kind)
+    default = {Attrs.density: "sum", Attrs.intensive: "mean"}.get(kind)
+    if reduce is None:
+        if default is None:
+            msg = (
+                f"The value kind of {image_key!r} is not declared ('density' or 'intensive'), so the reduction "
+                "is ambiguous: pass reduce='mean' (area-weighted mean) or reduce='sum' (pixel sum)."
+            )
+            raise InputError(msg)
+        reduce = default
+    if reduce not in ("sum", "mean"):
+        msg = f"reduce must be 'sum' or 'mean', got {reduce!r}."
+        raise InputError(msg)
+    if default is not None and reduce != default and not force:
+        msg = (
+            f"{image_key!r} is declared {kind!r}, which aggregates by {default!r}; reduce={reduce!r} would mix "
+            f"units of different size. Use reduce={default!r}, or pass force=True if you mean it."
+        )
+        raise InputError(msg)
+    to_um = None
+    px_area = None
+    if need_um or kind == Attrs.density:
+        to_um = to_um_affine(sdata, image_key)
+        px_area = float(abs(np.linalg.det(to_um[:2, :2])))
+    data = level.data
+    if genes is not None:
+        data = data[index]
+    return _Map(image_key, data, [names[i] for i in index], index, px_area, to_um, kind, reduce)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Units
+
+
+def _tissue_key(sdata: SpatialData, image_key: str, tissue_key: str | None | bool) -> str | None:
+    if tissue_key is False:
+        return None
+    if isinstance(tissue_key, str):
+        if tissue_key not in sdata.labels:
+            msg = f"No labels {tissue_key!r} for the tissue mask; available labels: {sorted(sdata.labels)}."
+            raise KeyError(msg)
+        return tissue_key
+    meta = get_element_meta(sdata, image_key, sdata.images[image_key])
+    candidates = [meta.get("tissue_key")] + [
+        Keys.tissue_mask(k) for k in (image_key, meta.get("image_key"), meta.get("source"), Keys.image) if k
+    ]
+    return next((k for k in candidates if k and k in sdata.labels), None)
+
+
+def _bins(
+    sdata: SpatialData,
+    m: _Map,
+    grid: Grid,
+    tissue: str | None,
+    block_bytes: int,
+    show: bool | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    a = m.to_um
+    if not _axis_aligned(a):
+        msg = (
+            f"{m.key!r} is rotated or sheared relative to µm, so square µm bins are not axis-aligned on its pixels. "
+            "Build the bins as polygons and aggregate with `shapes_key=`."
+        )
+        raise InputError(msg)
+    n_c, ny, nx = (int(v) for v in m.data.shape)
+    (ux0, uy0), (ux1, uy1) = apply_affine(a, np.array([[0.0, 0.0], [nx, ny]]))
+    if ux0 < grid.x0 - 1e-9 or uy0 < grid.y0 - 1e-9:
+        logger.warning(
+            "%r extends to negative µm (before the image corner); bins are numbered from the corner, so that part "
+            "is not aggregated.",
+            m.key,
+        )
+    kx0, kx1 = grid.index_range(ux0, ux1, "x")
+    ky0, ky1 = grid.index_range(uy0, uy1, "y")
+    if kx1 <= kx0 or ky1 <= ky0:
+        msg = f"The grid has no bin on {m.key!r}."
+        raise InputError(msg)
+    xe_um, ye_um = grid.edges(kx0, kx1, "x"), grid.edges(ky0, ky1, "y")
+    xe = (xe_um - a[0, 2]) / a[0, 0]
+    ye = (ye_um - a[1, 2]) / a[1, 1]
+    wx = np.diff(np.clip(xe, 0, nx))
+    wy = np.diff(np.clip(ye, 0, ny))
+    n_px = np.outer(wy, wx)
+    keep_grid = n_px > 0
+    tissue_frac = None
+    if tissue is not None:
+        t_level = scale_levels(sdata.labels[tissue])[0]
+        t_aff = to_um_affine(sdata, tissue)
+        if not _axis_aligned(t_aff):
+            msg = f"The tissue mask {tissue!r} is rotated relative to µm; pass tissue_key=False."
+            raise InputError(msg)
+        t_data = t_level.data[None]
+        t_data = (t_data > 0).astype(np.float32)
+        txe = (xe_um - t_aff[0, 2]) / t_aff[0, 0]
+        tye = (ye_um - t_aff[1, 2]) / t_aff[1, 1]
+        t_area = np.zeros(keep_grid.shape)
+        for r0, r1, band in _grid_bands(t_data, tye, txe, block_bytes, False, "tissue"):
+            t_area[r0:r1] = band[0]
+        bin_area_t = np.outer(np.diff(tye), np.diff(txe))
+        tissue_frac = t_area / bin_area_t
+        keep_grid &= t_area > 0
+    rows, cols, xs = [], [], []
+    for r0, r1, band in _grid_bands(m.data, ye, xe, block_bytes, show, f"aggregate {m.key}"):
+        sel = keep_grid[r0:r1]
+        rr, cc = np.nonzero(sel)
+        rows.append(rr + r0)
+        cols.append(cc)
+        xs.append(band[:, rr, cc].T)
+    r = np.concatenate(rows)
+    c = np.concatenate(cols)
+    sums = np.concatenate(xs, axis=0) if xs else np.zeros((0, n_c))
+    if r.size == 0:
+        msg = f"No bin of {grid.size:g} µm meets the tissue of {m.key!r}; check `tissue_key` and the grid origin."
+        raise InputError(msg)
+    array_row, array_col = r + ky0, c + kx0
+    ids = grid.ids(array_row, array_col)
+    px = n_px[r, c]
+    centres = np.c_[grid.x0 + (array_col + 0.5) * grid.size, grid.y0 + (array_row + 0.5) * grid.size]
+    obs = {
+        Keys.instance_key: ids,
+        "array_row": array_row,
+        "array_col": array_col,
+        "n_pixels": px,
+        "area_um2": px * float(abs(np.linalg.det(a[:2, :2]))),
+        "spatial": centres,
+    }
+    if tissue_frac is not None:
+        obs["tissue_fraction"] = tissue_frac[r, c]
+    return sums, obs
+
+
+def _shape_geometry(sdata: SpatialData, shapes_key: str, image_key: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Kernel geometry of the shapes in the map's pixel space, and their centres in the shapes' own space."""
+    import shapely
+
+    gdf = sdata.shapes[shapes_key]
+    if len(gdf) == 0:
+        msg = f"Shapes {shapes_key!r} are empty."
+        raise InputError(msg)
+    m = affine_between(sdata, shapes_key, image_key)
+    geoms = gdf.geometry.to_numpy()
+    types = shapely.get_type_id(geoms)
+    n = len(gdf)
+    is_point = types == shapely.GeometryType.POINT
+    is_poly = np.isin(types, [shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON])
+    if not np.all(is_point | is_poly):
+        msg = f"Shapes {shapes_key!r} hold geometries other than circles and (multi)polygons."
+        raise InputError(msg)
+    if is_point.any() and "radius" not in gdf.columns:
+        msg = f"Shapes {shapes_key!r} hold points without a 'radius' column; parse them as circles."
+        raise InputError(msg)
+    kind = np.where(is_point, 0, 1).astype(np.int8)
+    cx = np.zeros(n)
+    cy = np.zeros(n)
+    r = np.zeros(n)
+    bbox = np.zeros((n, 4))
+    centres = np.zeros((n, 2))
+    if is_point.any():
+        lin = m[:2, :2]
+        sx, sy = np.linalg.norm(lin[:, 0]), np.linalg.norm(lin[:, 1])
+        if abs(sx - sy) > 1e-6 * max(sx, sy) or abs(lin[:, 0] @ lin[:, 1]) > 1e-6 * sx * sy:
+            msg = (
+                f"The transformation from {shapes_key!r} to {image_key!r} is not a similarity, so its circles "
+                "become ellipses. Convert them to polygons (e.g. `geometry.buffer(radius)`) first."
+            )
+            raise InputError(msg)
+        xy = shapely.get_coordinates(geoms[is_point])
+        centres[is_point] = xy
+        p = apply_affine(m, xy)
+        rad = np.asarray(gdf["radius"].to_numpy()[is_point], dtype=np.float64) * sx
+        cx[is_point], cy[is_point], r[is_point] = p[:, 0], p[:, 1], rad
+        bbox[is_point] = np.c_[p[:, 0] - rad, p[:, 1] - rad, p[:, 0] + rad, p[:, 1] + rad]
+    ring_ptr = [0]
+    ring_sign: list[np.ndarray] = []
+    vx: list[np.ndarray] = []
+    vy: list[np.ndarray] = []
+    rings_per_shape = np.zeros(n, dtype=np.int64)
+    if is_poly.any():
+        poly_idx = np.flatnonzero(is_poly)
+        centres[is_poly] = shapely.get_coordinates(shapely.centroid(geoms[is_poly]))
+        parts, part_of = shapely.get_parts(geoms[is_poly], return_index=True)
+        rings, ring_of_part = shapely.get_rings(parts, return_index=True)
+        first = np.r_[True, ring_of_part[1:] != ring_of_part[:-1]]
+        coords, vertex_ring = shapely.get_coordinates(rings, return_index=True)
+        coords = apply_affine(m, coords)
+        counts = np.bincount(vertex_ring, minlength=len(rings))
+        ring_ptr = np.r_[0, np.cumsum(counts)]
+        sign = np.where(first, 1.0, -1.0)
+        shape_of_ring = poly_idx[part_of[ring_of_part]]
+        rings_per_shape = np.bincount(shape_of_ring, minlength=n)
+        vx, vy = coords[:, 0], coords[:, 1]
+        mins = np.full((len(rings), 2), np.inf)
+        maxs = np.full((len(rings), 2), -np.inf)
+        np.minimum.at(mins, vertex_ring, coords)
+        np.maximum.at(maxs, vertex_ring, coords)
+        for j, fn in ((0, np.minimum), (1, np.minimum), (2, np.maximum), (3, np.maximum)):
+            init = np.inf if fn is np.minimum else -np.inf
+            vals = np.full(n, init)
+            fn.at(vals, shape_of_ring, (mins if j < 2 else maxs)[:, j % 2])
+            bbox[is_poly, j] = vals[is_poly]
+        order = np.argsort(shape_of_ring, kind="stable")
+        if not np.array_equal(order, np.arange(order.size)):
+            msg = "internal: rings are not grouped by shape"
+            raise AssertionError(msg)
+        ring_sign = sign
+    else:
+        ring_ptr = np.zeros(1, dtype=np.int64)
+        ring_sign = np.zeros(0)
+        vx = vy = np.zeros(0)
+    shape_ptr = np.r_[0, np.cumsum(rings_per_shape)].astype(np.int64)
+    geometry = {
+        "kind": kind,
+        "cx": cx,
+        "cy": cy,
+        "r": r,
+        "bbox": bbox,
+        "ring_ptr": np.asarray(ring_ptr, dtype=np.int64),
+        "ring_sign": np.asarray(ring_sign, dtype=np.float64),
+        "vx": np.ascontiguousarray(vx, dtype=np.float64),
+        "vy": np.ascontiguousarray(vy, dtype=np.float64),
+        "shape_ptr": shape_ptr,
+    }
+    return geometry, centres
+
+
+def _shapes(
+    sdata: SpatialData, m: _Map, shapes_key: str, block_bytes: int, show: bool | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    geometry, centres = _shape_geometry(sdata, shapes_key, m.key)
+    n = centres.shape[0]
+    n_c, ny, nx = (int(v) for v in m.data.shape)
+    out = np.zeros((n, n_c))
+    wout = np.zeros(n)
+    bbox = geometry["bbox"]
+    itemsize = 8 if m.data.dtype == np.float64 else 4
+    chunks = m.data.chunks if _is_dask(m.data) else None
+    tiles = _tiles((n_c, ny, nx), itemsize, chunks, block_bytes)
+    hits = [
+        np.flatnonzero((bbox[:, 0] < x1) & (bbox[:, 2] > x0) & (bbox[:, 1] < y1) & (bbox[:, 3] > y0))
+        for y0, y1, x0, x1 in tiles
+    ]
+    work = [(t, h) for t, h in zip(tiles, hits, strict=True) if h.size]
+    if not work:
+        msg = f"No shape of {shapes_key!r} meets {m.key!r}; check their transformations."
+        raise InputError(msg)
+    ids_by_tile = dict(work)
+    for tile, block in _progress(_prefetched(m.data, list(ids_by_tile)), len(work), f"aggregate {m.key}", show):
+        shapes_sum(block, (tile[0], tile[2]), geometry, ids_by_tile[tile], out, wout)
+    keep = wout > 0
+    if not keep.any():
+        msg = f"No shape of {shapes_key!r} meets {m.key!r}; check their transformations."
+        raise InputError(msg)
+    index = sdata.shapes[shapes_key].index.to_numpy()
+    obs = {
+        Keys.instance_key: index[keep],
+        "n_pixels": wout[keep],
+        "area_um2": wout[keep] * m.px_area_um2 if m.px_area_um2 else np.full(int(keep.sum()), np.nan),
+        "spatial": centres[keep],
+    }
+    return out[keep], obs
+
+
+def _labels(
+    sdata: SpatialData, m: _Map, labels_key: str, block_bytes: int, show: bool | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    if labels_key not in sdata.labels:
+        msg = f"No labels {labels_key!r} in the SpatialData; available labels: {sorted(sdata.labels)}."
+        raise KeyError(msg)
+    lab = scale_levels(sdata.labels[labels_key])[0].data
+    aff = affine_between(sdata, labels_key, m.key)
+    if not _axis_aligned(aff):
+        msg = (
+            f"{labels_key!r} is rotated or flipped relative to {m.key!r}; resample it onto the map's grid "
+            "(e.g. spatialdata.transform) before aggregating."
+        )
+        raise InputError(msg)
+    sx, tx, sy, ty = aff[0, 0], aff[0, 2], aff[1, 1], aff[1, 2]
+    n_c, ny, nx = (int(v) for v in m.data.shape)
+    nly, nlx = (int(v) for v in lab.shape)
+    itemsize = 8 if m.data.dtype == np.float64 else 4
+    chunks = m.data.chunks if _is_dask(m.data) else None
+    tiles = _tiles((n_c, ny, nx), itemsize, chunks, block_bytes)
+    parts_ids, parts_sums, parts_geom = [], [], []
+    for (y0, y1, x0, x1), block in _progress(_prefetched(m.data, tiles), len(tiles), f"aggregate {m.key}", show):
+        ly0 = max(0, math.floor((y0 - ty) / sy))
+        ly1 = min(nly, math.ceil((y1 - ty) / sy))
+        lx0 = max(0, math.floor((x0 - tx) / sx))
+        lx1 = min(nlx, math.ceil((x1 - tx) / sx))
+        if ly1 <= ly0 or lx1 <= lx0:
+            continue
+        lab_block = lab[ly0:ly1, lx0:lx1]
+        lab_block = np.asarray(lab_block.compute() if _is_dask(lab_block) else lab_block)
+        uniq, inv = np.unique(lab_block, return_inverse=True)
+        compact = inv.reshape(lab_block.shape).astype(np.int64)
+        if uniq[0] == 0:
+            compact -= 1
+            uniq = uniq[1:]
+        if uniq.size == 0:
+            continue
+        ey = sy * np.arange(ly0, ly1 + 1, dtype=np.float64) + ty - y0
+        ex = sx * np.arange(lx0, lx1 + 1, dtype=np.float64) + tx - x0
+        sums, geom = labels_sum(
+            block, compact, axis_table(ey[:-1], ey[1:], y1 - y0), axis_table(ex[:-1], ex[1:], x1 - x0), uniq.size
+        )
+        # exact centroid moments: each label pixel's overlap with the tile is a rectangle; use its midpoint
+        cy0, cy1 = np.clip(ey[:-1], 0, y1 - y0), np.clip(ey[1:], 0, y1 - y0)
+        cx0, cx1 = np.clip(ex[:-1], 0, x1 - x0), np.clip(ex[1:], 0, x1 - x0)
+        area = np.outer(cy1 - cy0, cx1 - cx0)
+        flat, a = compact.ravel(), area.ravel()
+        inside = flat >= 0
+        mid_x = np.broadcast_to((cx0 + cx1) / 2 + x0, area.shape).ravel()
+        mid_y = np.broadcast_to(((cy0 + cy1) / 2 + y0)[:, None], area.shape).ravel()
+        geom[1] = np.bincount(flat[inside], weights=(a * mid_x)[inside], minlength=uniq.size)
+        geom[2] = np.bincount(flat[inside], weights=(a * mid_y)[inside], minlength=uniq.size)
+        parts_ids.append(uniq)
+        parts_sums.append(sums.T)
+        parts_geom.append(geom.T)
+    if not parts_ids:
+        msg = f"No label of {labels_key!r} meets {m.key!r}; check their transformations."
+        raise InputError(msg)
+    ids = np.concatenate(parts_ids)
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    sums = np.add.reduceat(np.concatenate(parts_sums)[order], starts, axis=0)
+    geom = np.add.reduceat(np.concatenate(parts_geom)[order], starts, axis=0)
+    ids = ids[starts]
+    keep = geom[:, 0] > 0
+    ids, sums, geom = ids[keep], sums[keep], geom[keep]
+    if ids.size == 0:
+        msg = f"No label of {labels_key!r} meets {m.key!r}; check their transformations."
+        raise InputError(msg)
+    centre_map = geom[:, 1:] / geom[:, :1]
+    centres = apply_affine(np.linalg.inv(aff), centre_map)
+    obs = {
+        Keys.instance_key: ids,
+        "n_pixels": geom[:, 0],
+        "area_um2": geom[:, 0] * m.px_area_um2 if m.px_area_um2 else np.full(ids.size, np.nan),
+        "spatial": centres,
+    }
+    return sums, obs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public function
+
+
+def _finish(sums: np.ndarray, obs: dict[str, np.ndarray], m: _Map) -> tuple[np.ndarray, str]:
+    """Values from the raw pixel-overlap sums, and the unit of ``"sum"``."""
+    n_px = obs["n_pixels"]
+    if m.reduce == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (sums / n_px[:, None]).astype(np.float32), "mean"
+    if m.value_kind == Attrs.density:
+        return (sums * m.px_area_um2).astype(np.float32), "um2"
+    return sums.astype(np.float32), "px"
+
+
+def aggregate(
+    sdata: SpatialData,
+    image_key: str,
+    *,
+    bin_size: float | None = None,
+    shapes_key: str | None = None,
+    labels_key: str | None = None,
+    reduce: Literal["mean", "sum"] | None = None,
+    genes: str | list[str] | None = None,
+    key_added: str | None = None,
+    origin_um: tuple[float, float] | None = None,
+    align_to: str | None = None,
+    tissue_key: str | Literal[False] | None = None,
+    allow_subpixel: bool = False,
+    force: bool = False,
+    block_bytes: int = BLOCK_BYTES,
+    inplace: bool = True,
+    show_progress_bar: bool | None = None,
+) -> AnnData | None:
+    """Aggregate an image with named channels into a table of square bins, shapes or labels.
+
+    Every pixel contributes by the exact area it shares with a unit. The map is read block by block
+    (dask-backed, multiscale maps stay out of core: memory is bounded by ``block_bytes`` plus the output).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData holding the image.
+    image_key
+        Image ``(c, y, x)`` whose channel names become ``var_names`` (a dense map, a ground-truth map, H&E).
+    bin_size
+        Side of square bins in µm, on the grid described in :class:`Grid`. Exactly one of ``bin_size``,
+        ``shapes_key`` and ``labels_key``.
+    shapes_key
+        Shapes element of circles (``radius`` column) and/or (multi)polygons (holes respected).
+    labels_key
+        Labels element at any resolution, axis-aligned with the map; label 0 is background.
+    reduce
+        ``"mean"`` or ``"sum"`` (see the module notes for their exact meaning). Default from the map's declared
+        value kind: ``"sum"`` for ``"density"``, ``"mean"`` for ``"intensive"``; required when undeclared.
+    genes
+        Channels to aggregate (default all).
+    key_added
+        Table key; default ``Keys.binned(image_key, bin_size)`` for bins, ``f"{image_key}_{shapes_key}"`` or
+        ``f"{image_key}_{labels_key}"`` otherwise. Square bins are written as shapes ``f"{key_added}_bins"``.
+    origin_um
+        A bin corner ``(x, y)`` in µm (default the image corner ``(0, 0)``).
+    align_to
+        Shapes of an existing axis-aligned grid (e.g. Visium HD 2 µm bins) whose corners the grid should share.
+    tissue_key
+        Labels whose non-zero pixels are tissue; bins that do not meet it are left out. Default: the map's
+        recorded tissue mask or ``Keys.tissue_mask`` of the map or of ``"he"`` if present; ``False`` keeps every
+        bin that meets the map.
+    allow_subpixel
+        Allow bins smaller than a map pixel (they only interpolate the map).
+    force
+        Allow the reduction that does not fit the map's declared value kind.
+    block_bytes
+        Bytes of the map read at a time.
+    inplace
+        Write the table (and the bins shapes) into ``sdata``; otherwise return the table and write nothing.
+    show_progress_bar
+        Default ``settings.show_progress_bar``.
+
+    Returns
+    -------
+    The table when ``inplace=False``. ``X`` (float32) holds the values; ``obs`` has ``instance_id``, ``region``,
+    ``n_pixels`` (map pixels inside the unit, fractional), ``area_um2`` (the unit's area on the map) and, for bins,
+    ``array_row``, ``array_col`` (and ``tissue_fraction``); ``obsm["spatial"]`` the unit centres in the annotated
+    element's intrinsic coordinates (µm for bins); ``uns["stpredict"]`` the parameters.
+    """
+    from anndata import AnnData
+    from spatialdata.models import ShapesModel, TableModel
+
+    chosen = [
+        k for k, v in (("bin_size", bin_size), ("shapes_key", shapes_key), ("labels_key", labels_key)) if v is not None
+    ]
+    if len(chosen) != 1:
+        msg = f"Pass exactly one of bin_size, shapes_key and labels_key (got {chosen or 'none'})."
+        raise InputError(msg)
+    if shapes_key is not None and shapes_key not in sdata.shapes:
+        msg = f"No shapes {shapes_key!r} in the SpatialData; available shapes: {sorted(sdata.shapes)}."
+        raise KeyError(msg)
+    if bin_size is None and (origin_um is not None or align_to is not None):
+        msg = "origin_um and align_to only apply to square bins (bin_size)."
+        raise InputError(msg)
+    m = _check_map(sdata, image_key, genes, reduce, force, need_um=bin_size is not None)
+    params: dict[str, Any] = {"image_key": image_key, "reduce": m.reduce, "value_kind": m.value_kind}
+    shapes_el = None
+    if bin_size is not None:
+        grid = grid_from_args(sdata, bin_size, origin_um, align_to)
+        px_um = math.sqrt(m.px_area_um2)
+        if grid.size < px_um * (1 - 1e-9) and not allow_subpixel:
+            msg = (
+                f"bin_size={bin_size} µm is smaller than a pixel of {image_key!r} ({px_um:.4g} µm): such bins only "
+                "interpolate the map. Use a larger bin, or pass allow_subpixel=True."
+            )
+            raise InputError(msg)
+        tissue = _tissue_key(sdata, image_key, tissue_key)
+        sums, obs = _bins(sdata, m, grid, tissue, block_bytes, show_progress_bar)
+        key = key_added or Keys.binned(image_key, grid.size)
+        region = f"{key}_bins"
+        params |= grid.params() | {"tissue_key": tissue, "align_to": align_to, "spatial_space": "um"}
+    elif shapes_key is not None:
+        sums, obs = _shapes(sdata, m, shapes_key, block_bytes, show_progress_bar)
+        key = key_added or f"{image_key}_{shapes_key}"
+        region = shapes_key
+        params |= {"shapes_key": shapes_key, "spatial_space": "intrinsic"}
+    else:
+        sums, obs = _labels(sdata, m, labels_key, block_bytes, show_progress_bar)
+        key = key_added or f"{image_key}_{labels_key}"
+        region = labels_key
+        params |= {"labels_key": labels_key, "spatial_space": "intrinsic"}
+    if inplace and key in sdata.tables:
+        logger.info("Overwriting table %r.", key)
+    x, sum_unit = _finish(sums, obs, m)
+    params["sum_unit"] = sum_unit
+    spatial = obs.pop("spatial")
+    import pandas as pd
+
+    obs_df = pd.DataFrame(obs)
+    obs_df.index = obs_df[Keys.instance_key].astype(str).to_numpy()
+    obs_df[Keys.region_key] = pd.Categorical([region] * len(obs_df))
+    adata = AnnData(X=x, obs=obs_df, var=pd.DataFrame(index=m.channels), obsm={"spatial": spatial})
+    adata.uns[Attrs.root] = params
+    adata = TableModel.parse(adata, region=region, region_key=Keys.region_key, instance_key=Keys.instance_key)
+    if not inplace:
+        return adata
+    if bin_size is not None:
+        gdf = bins_geodataframe(grid, obs["array_row"], obs["array_col"], obs[Keys.instance_key])
+        shapes_el = ShapesModel.parse(gdf, transformations=grid_transformations(sdata, image_key))
+        sdata.shapes[region] = shapes_el
+    sdata.tables[key] = adata
+    return None
