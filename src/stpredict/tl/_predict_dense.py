@@ -6,6 +6,9 @@ import hashlib
 import math
 import sys
 import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -83,14 +86,18 @@ class _Predictor:
         self.batch_size = batch_size
         self.device = device
         self.n_calls = 0
+        self.seconds = 0.0  # in the model
+        self.blend_seconds = 0.0
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         out = []
         start = 0
         while start < len(tiles):
             batch = tiles[start : start + self.batch_size]
+            t0 = time.perf_counter()
             try:
                 pred = np.asarray(self.model.predict_tiles(batch, device=self.device))
+                self.seconds += time.perf_counter() - t0
             except Exception as err:
                 if not _is_cuda_oom(err):
                     raise
@@ -153,77 +160,113 @@ def _read_model_region(array: Any, ratio: tuple[float, float], my0: int, my1: in
     return out
 
 
-def _compute_unit(
-    plan: _Plan,
-    array: Any,
-    predictor: _Predictor,
-    unit: tuple[int, int],
-    carry: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None, bool]:
-    """Blend the tiles of one unit into its normalised block; also return the carry and whether any tile counted.
+@dataclass
+class _UnitInput:
+    """The tiles of one unit and the slide region they are cut from."""
 
-    The block's first ``ramp`` rows also receive the falling ramp of the last tile row of the chunk row
-    above: from ``carry`` when the unit above was just computed, else by predicting that tile row again.
-    Both give bit-identical sums because the carry is accumulated from zero in the same tile order.
+    unit: tuple[int, int]
+    tiles: list[tuple[int, int]]
+    uses_carry: bool
+    region: np.ndarray | None = None
+    origin: tuple[int, int] = (0, 0)  # model-pixel position of region[:, 0, 0]
+    seconds: float = 0.0
+
+
+def _prepare_unit(plan: _Plan, array: Any, unit: tuple[int, int], use_carry: bool) -> _UnitInput:
+    """List the tiles of ``unit`` and read (and resample) the slide region under them.
+
+    Without ``use_carry`` the tile row above the chunk row is included (its falling ramp reaches the
+    block's first ``ramp`` rows); with it, that row's contribution comes from the carry of the unit above.
     """
+    t0 = time.perf_counter()
     gy, gx = plan.gy, plan.gx
     j, p = unit
+    y0, y1 = gy.chunk_bounds(j)
+    x0, x1 = plan.panel_bounds(p)
+    rows = list(gy.tiles_for(y0, y1))
+    uses_carry = bool(use_carry and rows and rows[0] * gy.stride < y0)
+    if uses_carry:
+        rows = rows[1:]
+    cols = gx.tiles_for(x0, x1)
+    tiles = [(ky, kx) for ky in rows for kx in cols if plan.run[ky, kx]]
+    inp = _UnitInput(unit, tiles, uses_carry)
+    if tiles:
+        s, t = plan.stride, plan.tile
+        kys = [k[0] for k in tiles]
+        kxs = [k[1] for k in tiles]
+        my0, mx0 = int(gy.origin(min(kys))) * s, int(gx.origin(min(kxs))) * s
+        my1, mx1 = int(gy.origin(max(kys))) * s + t, int(gx.origin(max(kxs))) * s + t
+        inp.region = _read_model_region(array, plan.ratio, my0, my1, mx0, mx1)
+        inp.origin = (my0, mx0)
+    inp.seconds = time.perf_counter() - t0
+    return inp
+
+
+def _blend_unit(
+    plan: _Plan, predictor: _Predictor, inp: _UnitInput, carry: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None, bool]:
+    """Predict and blend the tiles of one unit into its normalised block, its carry and whether any tile counted.
+
+    Sums are accumulated from zero in row-major tile order, and the carry of the unit above holds exactly the
+    sums the recomputed tile row above would give, so both ways yield bit-identical blocks.
+    """
+    gy, gx = plan.gy, plan.gx
+    j, p = inp.unit
     y0, y1 = gy.chunk_bounds(j)
     x0, x1 = plan.panel_bounds(p)
     y_end = min(y1 + gy.ramp, gy.size)  # rows accumulated, including the carry into the next chunk row
     n_genes = len(plan.channels)
     acc = np.zeros((n_genes, y_end - y0, x1 - x0), dtype=np.float32)
     wsum = np.zeros((y_end - y0, x1 - x0), dtype=np.float32)
-    rows = list(gy.tiles_for(y0, y1))
-    if carry is not None and rows and rows[0] * gy.stride < y0:
+    carried = inp.uses_carry and carry is not None
+    if carried:
         acc[:, : carry[1].shape[0]] = carry[0]
         wsum[: carry[1].shape[0]] = carry[1]
-        rows = rows[1:]
-    cols = list(gx.tiles_for(x0, x1))
-    tiles = [(ky, kx) for ky in rows for kx in cols if plan.run[ky, kx]]
-    if tiles:
-        s, n, t = plan.stride, gy.n, plan.tile
-        kys = np.array([k[0] for k in tiles])
-        kxs = np.array([k[1] for k in tiles])
-        my0 = int(gy.origin(kys.min())) * s
-        mx0 = int(gx.origin(kxs.min())) * s
-        region = _read_model_region(
-            array, plan.ratio, my0, int(gy.origin(kys.max())) * s + t, mx0, int(gx.origin(kxs.max())) * s + t
-        )
-        batch = max(1, predictor.batch_size)
-        for start in range(0, len(tiles), batch):
-            chunk = tiles[start : start + batch]
-            inputs = np.stack(
-                [
-                    region[
-                        :,
-                        gy.origin(ky) * s - my0 : gy.origin(ky) * s - my0 + t,
-                        gx.origin(kx) * s - mx0 : gx.origin(kx) * s - mx0 + t,
-                    ]
-                    for ky, kx in chunk
+    identity = plan.channels.size and np.array_equal(plan.channels, np.arange(plan.channels.size))
+    s, n, t = plan.stride, gy.n, plan.tile
+    my0, mx0 = inp.origin
+    batch = max(1, predictor.batch_size)
+    for start in range(0, len(inp.tiles), batch):
+        chunk = inp.tiles[start : start + batch]
+        inputs = np.stack(
+            [
+                inp.region[
+                    :,
+                    gy.origin(ky) * s - my0 : gy.origin(ky) * s - my0 + t,
+                    gx.origin(kx) * s - mx0 : gx.origin(kx) * s - mx0 + t,
                 ]
+                for ky, kx in chunk
+            ]
+        )
+        preds = predictor(inputs)
+        if preds.ndim != 4 or preds.shape[2:] != (n, n) or preds.shape[0] != len(chunk):
+            msg = (
+                f"The model returned an array of shape {preds.shape} for {len(chunk)} tiles of {t} px; "
+                f"expected (batch, genes, {n}, {n}) (tile_size // output_stride)."
             )
-            preds = predictor(inputs)
-            if preds.ndim != 4 or preds.shape[2:] != (n, n) or preds.shape[0] != len(chunk):
-                msg = (
-                    f"The model returned an array of shape {preds.shape} for {len(chunk)} tiles of {t} px; "
-                    f"expected (batch, genes, {n}, {n}) (tile_size // output_stride)."
-                )
-                raise InputError(msg)
-            for (ky, kx), pred in zip(chunk, preds, strict=True):
-                oy, ox = int(gy.origin(ky)), int(gx.origin(kx))
-                a, b = max(oy, y0), min(oy + n, y_end)
-                c, d = max(ox, x0), min(ox + n, x1)
-                if a >= b or c >= d:
-                    continue
-                w = plan.window[a - oy : b - oy, c - ox : d - ox]
-                acc[:, a - y0 : b - y0, c - x0 : d - x0] += pred[plan.channels, a - oy : b - oy, c - ox : d - ox] * w
-                wsum[a - y0 : b - y0, c - x0 : d - x0] += w
+            raise InputError(msg)
+        if preds.dtype != np.float32:
+            preds = preds.astype(np.float32)
+        t_blend = time.perf_counter()
+        for (ky, kx), pred in zip(chunk, preds, strict=True):
+            oy, ox = int(gy.origin(ky)), int(gx.origin(kx))
+            a, b = max(oy, y0), min(oy + n, y_end)
+            c, d = max(ox, x0), min(ox + n, x1)
+            if a >= b or c >= d:
+                continue
+            w = plan.window[a - oy : b - oy, c - ox : d - ox]
+            part = pred[:, a - oy : b - oy, c - ox : d - ox] if identity else pred[plan.channels, a - oy : b - oy]
+            if not identity:
+                part = part[:, :, c - ox : d - ox]
+            part = np.multiply(part, w, out=part)  # the model's output (or a copy of its channels) is ours
+            acc[:, a - y0 : b - y0, c - x0 : d - x0] += part
+            wsum[a - y0 : b - y0, c - x0 : d - x0] += w
+        predictor.blend_seconds += time.perf_counter() - t_blend
     h = y1 - y0
     block = np.zeros((n_genes, h, x1 - x0), dtype=np.float32)
     np.divide(acc[:, :h], wsum[:h], out=block, where=wsum[:h] > 0)
     new_carry = (acc[:, h:].copy(), wsum[h:].copy()) if y_end > y1 else None
-    touched = bool(tiles) or (carry is not None and bool(carry[1].any()))
+    touched = bool(inp.tiles) or (carried and bool(carry[1].any()))
     return block, new_carry, touched
 
 
@@ -238,7 +281,7 @@ def _remote_unit(
     plan: _Plan, source: _Source, model: DenseModel, batch_size: int, device: str, unit: tuple[int, int]
 ) -> tuple[tuple[int, int], np.ndarray | None, int]:
     predictor = _Predictor(model, batch_size, device)
-    block, _, touched = _compute_unit(plan, source.array, predictor, unit, None)
+    block, _, touched = _blend_unit(plan, predictor, _prepare_unit(plan, source.array, unit, False), None)
     return unit, (block if touched else None), predictor.n_calls
 
 
@@ -575,24 +618,29 @@ def predict_dense(
         key, n_tiles, t, shape, len(plan.units()), len(units),
     )  # fmt: skip
 
+    write_seconds = [0.0]
+
     def write(unit: tuple[int, int], block: np.ndarray | None) -> None:
+        t0 = time.perf_counter()
         if block is not None:
             y0, y1 = gy.chunk_bounds(unit[0])
             x0, x1 = plan.panel_bounds(unit[1])
             store.array[:, y0:y1, x0:x1] = block.astype(dtype, copy=False)
         store.mark_done(unit)
         progress.update(1)
+        write_seconds[0] += time.perf_counter() - t0
 
+    t_start = time.perf_counter()
     try:
         if client is None:
             predictor = _Predictor(model, batch_size, dev)
-            carry: tuple[np.ndarray, np.ndarray] | None = None
-            previous: tuple[int, int] | None = None
-            for unit in units:
-                usable = carry if previous == (unit[0] - 1, unit[1]) else None
-                block, carry, touched = _compute_unit(plan, level.data, predictor, unit, usable)
-                previous = unit
-                write(unit, block if touched else None)
+            read_seconds = _run_local(plan, level.data, predictor, units, write)
+            logger.info(
+                "predict_dense %r: %.1f s; model %.1f s (%d calls), blending %.1f s, reading %.1f s (prefetched), "
+                "writing %.1f s (in the background).",
+                key, time.perf_counter() - t_start, predictor.seconds, predictor.n_calls, predictor.blend_seconds,
+                read_seconds, write_seconds[0],
+            )  # fmt: skip
         else:
             _run_distributed(client, plan, level.data, model, batch_size, dev, units, write)
     finally:
@@ -644,6 +692,42 @@ def predict_dense(
         set_element_meta(sdata, key, element, meta)
     logger.info("Added sdata.images[%r]: %d genes, %d × %d px at %.4g µm/px.", key, shape[0], height, width, f * u_img)
     return None
+
+
+def _run_local(plan: _Plan, array: Any, predictor: _Predictor, units: list[tuple[int, int]], write: Any) -> float:
+    """Compute units in order, reading ahead and writing behind in background threads; return seconds reading.
+
+    The next unit's slide region is read, and finished blocks are written, while the model runs. At most two
+    blocks wait for writing, so memory stays bounded.
+    """
+    if not units:
+        return 0.0
+    position = {u: i for i, u in enumerate(units)}
+
+    def use_carry(i: int) -> bool:
+        j, p = units[i]
+        return position.get((j - 1, p), -2) == i - 1
+
+    read_seconds = 0.0
+    carry: tuple[np.ndarray, np.ndarray] | None = None
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        pending: deque = deque()
+        nxt = reader.submit(_prepare_unit, plan, array, units[0], False)
+        try:
+            for i, unit in enumerate(units):
+                inp = nxt.result()
+                read_seconds += inp.seconds
+                if i + 1 < len(units):
+                    nxt = reader.submit(_prepare_unit, plan, array, units[i + 1], use_carry(i + 1))
+                block, carry, touched = _blend_unit(plan, predictor, inp, carry)
+                pending.append(writer.submit(write, unit, block if touched else None))
+                while len(pending) > 1:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+        finally:
+            nxt.cancel()
+    return read_seconds
 
 
 def _run_distributed(

@@ -50,12 +50,16 @@ class WorkStore:
         self, path: Path | None, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fingerprint: dict
     ) -> None:
         import zarr
+        from zarr.codecs import BloscCodec
 
+        codec = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")  # fast: the store is rewritten at the end
         self.path = None if path is None else Path(path)
         self.done: set[tuple[int, int]] = set()
         if self.path is None:
             store: Any = zarr.storage.MemoryStore()
-            self.array = zarr.create_array(store=store, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+            self.array = zarr.create_array(
+                store=store, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=codec
+            )
             return
         plan_file = self.path / "plan.json"
         resumable = plan_file.is_file() and json.loads(plan_file.read_text()) == fingerprint
@@ -71,7 +75,7 @@ class WorkStore:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         self.array = zarr.create_array(
-            store=self.path / "map.zarr", shape=shape, chunks=chunks, dtype=dtype, fill_value=0
+            store=self.path / "map.zarr", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=codec
         )
         _write_json_atomic(plan_file, fingerprint)
 
