@@ -47,7 +47,7 @@ def bin(
     layer: str | None = None,
     inplace: bool = True,
 ) -> AnnData | None:
-    """Sum the counts of measured units into square bins of ``bin_size`` µm on the grid of :func:`~stpredict.tl.aggregate`.
+    """Sum the counts of measured units into square bins of ``bin_size`` µm on the aggregate grid.
 
     A unit goes to the bin that holds its centre (``obsm["spatial"]``, mapped to µm through the transformation of
     the element it annotates); a centre on an edge goes to the bin above/right of it. With the same ``bin_size``
