@@ -16,6 +16,7 @@ from stpredict._errors import InputError
 from stpredict._geometry import affine_between, scale_levels, to_um_affine, um_per_px
 from stpredict.io import read_st
 from stpredict.io._image import decode_image
+from stpredict.io._st import mask_unspotted_border_regions
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -119,6 +120,15 @@ def test_a1_rescaled_coordinates_land_on_tissue(a1, her2st, tmp_path):
     spots.to_csv(folder / "spots.tsv", sep="\t", index=False)
     with pytest.raises(InputError, match="outside the image"):
         read_st(folder)
+
+
+def test_a1_inset_is_masked(a1, her2st):
+    image = scale_levels(a1.images["he"])[0].values
+    assert image[:, :530, 1500:].max() == 0  # the annotated thumbnail in the top-right corner is gone
+    assert a1.images["he"].attrs["stpredict"]["masked_regions_xyxy"] == [[1496, 0, 2000, 540]]
+    raw = decode_image(her2st / "A1" / "image.png")
+    np.testing.assert_array_equal(image[:, 560:, :1490], raw[560:, :1490].transpose(2, 0, 1))  # tissue untouched
+    assert raw[:530, 1500:].max() > 200
 
 
 def test_c2_whole_slide(c2_and_warnings, her2st):
@@ -277,6 +287,40 @@ def test_zarr_round_trip(tmp_path):
     assert back.tables["table"].obs["patient"].isna().all()  # "section" is not a her2st-like name
     np.testing.assert_array_equal(scale_levels(back.images["he"])[1].values, scale_levels(sdata.images["he"])[1].values)
     assert back.attrs["stpredict"]["elements"]["he"]["um_per_px"] == pytest.approx(2.0)
+
+
+def _blobs(background: int) -> np.ndarray:
+    image = np.full((120, 160, 3), background, dtype=np.uint8)
+    image[40:80, 20:70] = 150  # tissue with spots
+    image[0:30, 120:160] = 180  # spot-free inset touching the border
+    image[90:110, 100:130] = 170  # spot-free fragment inside the image
+    return image
+
+
+def test_mask_unspotted_border_regions():
+    xy = np.array([[30.0, 50.0], [60.0, 70.0]])
+    image = _blobs(0)
+    boxes = mask_unspotted_border_regions(image, xy, radius_px=3.0)
+    assert boxes == [[119, 0, 160, 31]]  # the region, grown by one (black) pixel
+    assert image[0:30, 120:160].max() == 0
+    np.testing.assert_array_equal(image[40:80, 20:70], 150)
+    np.testing.assert_array_equal(image[90:110, 100:130], 170)  # not at the border: kept
+    bright = _blobs(240)
+    assert mask_unspotted_border_regions(bright, xy, radius_px=3.0) == []
+    np.testing.assert_array_equal(bright, _blobs(240))
+
+
+def test_mask_inset_option(tmp_path):
+    folder = _write_section(tmp_path / "S1", image_size=(160, 120))
+    Image.fromarray(_blobs(0)).save(folder / "image.png")
+    spots = pd.read_csv(folder / "spots.tsv", sep="\t")
+    spots["img_x"], spots["img_y"] = np.linspace(25, 65, 6), np.linspace(45, 75, 6)
+    spots.to_csv(folder / "spots.tsv", sep="\t", index=False)
+    masked = scale_levels(read_st(folder).images["he"])[0].values
+    kept = scale_levels(read_st(folder, mask_inset=False).images["he"])[0].values
+    assert masked[:, 0:30, 120:160].max() == 0
+    assert (kept[:, 0:30, 120:160] == 180).all()
+    np.testing.assert_array_equal(masked[:, 40:, :], kept[:, 40:, :])
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])

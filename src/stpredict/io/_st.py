@@ -35,6 +35,9 @@ META_NAME = "meta.json"
 #: her2st-like section names: one patient letter, then the section number ("A1", "C5").
 PATIENT_RULE = re.compile(r"^([A-Za-z])(\d+)$")
 _COORD_PAIRS = (("img_x", "img_y"), ("pixel_x", "pixel_y"))
+_BLACK = 16  # max channel value of a masked-background pixel
+_BLACK_FRACTION = 0.05  # a render is "black-masked" above this fraction of black pixels
+_MASK_GRID_PX = 512  # the inset search runs on a grid of about this many pixels along the longer side
 _SYMBOL_COLUMNS = ("gene_name", "gene_symbol", "gene_symbols", "symbol", "name")
 
 
@@ -52,6 +55,7 @@ def read_st(
     image_file: str | Path | None = None,
     scale_factors: Sequence[int] | None = None,
     chunks: int = 1024,
+    mask_inset: bool = True,
 ) -> SpatialData:
     """Read one section of a legacy Spatial Transcriptomics experiment (her2st, STUtility layout).
 
@@ -72,6 +76,11 @@ def read_st(
       names the argument to pass (e.g. the STUtility mouse olfactory bulb records no spot diameter).
     * Whole-slide JPEGs (~9300 × 9900 px) are decoded once into memory (no global change to PIL's
       decompression-bomb limit) and wrapped in dask with a pyramid computed once.
+    * Renders with a black-masked background (her2st A1/A2) carry an annotated thumbnail of the section in the
+      top-right corner, which a tissue detector would take for tissue. With ``mask_inset=True``, when more than
+      5% of the image is black (max channel < 16), every connected non-black region that touches the image
+      border and holds no spot (within a spot radius) is painted black, and the log says where. Scans with a
+      bright background are never changed.
 
     Parameters
     ----------
@@ -99,6 +108,8 @@ def read_st(
         Pyramid factors; default: factors of 2 until the coarsest level is at most 1024 px.
     chunks
         Dask chunk edge in pixels.
+    mask_inset
+        Paint spot-free border regions of black-masked renders black (see the rules above).
 
     Returns
     -------
@@ -147,6 +158,7 @@ def read_st(
     if array.shape[:2] != size:
         msg = f"{str(image_path)!r} decodes to {array.shape[:2]} px but its header says {size}; the file is corrupt."
         raise InputError(msg)
+    masked = mask_unspotted_border_regions(array, xy, spot_diameter_um / 2 / um_per_px) if mask_inset else []
     image = build_image(
         array, transformations=_identity(), scale_factors=scale_factors, chunks=chunks, name=f"{section}-he"
     )
@@ -171,7 +183,11 @@ def read_st(
         "coordinates": list(coord_columns),
         "meta": meta,
     }
-    image_meta = {"source": str(image_path), "note": meta.get("image_note") or meta.get("note")}
+    image_meta = {
+        "source": str(image_path),
+        "note": meta.get("image_note") or meta.get("note"),
+        "masked_regions_xyxy": masked or None,
+    }
     return assemble(
         image,
         xy=xy,
@@ -186,6 +202,48 @@ def read_st(
         uns=uns,
         image_meta=image_meta,
     )
+
+
+def mask_unspotted_border_regions(array: np.ndarray, xy: np.ndarray, radius_px: float) -> list[list[int]]:
+    """Paint black, in place, the spot-free non-black regions touching the border of a black-masked render.
+
+    Returns the painted regions' bounding boxes ``[x0, y0, x1, y1]`` (image pixels, end-exclusive).
+    """
+    from scipy import ndimage
+
+    if np.mean(array[::16, ::16].max(axis=2) < _BLACK) < _BLACK_FRACTION:
+        return []
+    stride = max(1, round(max(array.shape[:2]) / _MASK_GRID_PX))
+    black = array[::stride, ::stride].max(axis=2) < _BLACK
+    labels, n = ndimage.label(~black, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return []
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    reach = int(np.ceil(radius_px / stride))
+    spotted: set[int] = set()
+    for x, y in (np.asarray(xy) / stride).astype(int):
+        window = labels[max(0, y - reach) : y + reach + 1, max(0, x - reach) : x + reach + 1]
+        spotted.update(np.unique(window).tolist())
+    boxes: list[list[int]] = []
+    for label in sorted(set(border.tolist()) - spotted - {0}):
+        region = labels == label
+        region = ndimage.binary_dilation(region) & (region | black)  # also the blocky edge of the coarse grid
+        rows, cols = np.nonzero(region)
+        y0, y1 = int(rows.min()) * stride, min(array.shape[0], (int(rows.max()) + 1) * stride)
+        x0, x1 = int(cols.min()) * stride, min(array.shape[1], (int(cols.max()) + 1) * stride)
+        full = np.repeat(
+            np.repeat(region[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1], stride, 0), stride, 1
+        )
+        array[y0:y1, x0:x1][full[: y1 - y0, : x1 - x0]] = 0
+        boxes.append([x0, y0, x1, y1])
+        logger.info(
+            "Painted black a spot-free region at the image border (x %d–%d, y %d–%d): an inset, not tissue.",
+            x0,
+            x1,
+            y0,
+            y1,
+        )
+    return boxes
 
 
 def _identity() -> dict[str, Any]:
