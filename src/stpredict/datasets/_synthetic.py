@@ -515,8 +515,9 @@ def _integrate_density(truth: Any, units: _Units, *, px_area_um2: float, supersa
 
     ``truth`` holds values per µm² on pixels of ``px_area_um2`` µm²; numpy or dask (integrated block by block).
     Squares: exact area of pixel ∩ square. Circles: pixels fully inside or outside count exactly, pixels the
-    circle crosses by ``supersample²`` sub-pixel centres (the area error of a disk of radius r pixels is
-    about ±0.1·r/supersample pixels; measured in the tests). Labels: each label pixel counts
+    circle crosses by ``supersample²`` sub-pixel centres. With ``supersample=16`` the area error of a disk of
+    radius ``r`` pixels stays below ``0.06 + 0.004·r`` pixels (measured over random centres: 0.05 at r = 3,
+    0.11 at r = 13.75, 0.24 at r = 50; under 0.2 % of the disk for r ≥ 3). Labels: each label pixel counts
     ``1/stride²`` of its value pixel.
     """
     n_ch = truth.shape[0]
@@ -814,11 +815,12 @@ def _as_dask(x: np.ndarray, chunk: int) -> Any:
 
 
 def _scale_factors(ny: int, nx: int, coarsest: int = 256) -> list[int]:
-    factors = []
-    size = max(ny, nx)
-    while size > coarsest and min(ny, nx) // 2 ** (len(factors) + 1) >= 1:
+    """Factors of 2 until the largest side is at most ``coarsest``; at least one level, so "he" is always a pyramid."""
+    if min(ny, nx) < 2:
+        return []
+    factors = [2]
+    while max(ny, nx) // 2 ** len(factors) > coarsest and min(ny, nx) // 2 ** (len(factors) + 1) >= 1:
         factors.append(2)
-        size //= 2
     return factors
 
 
@@ -950,6 +952,12 @@ def _add_units(
     centres_px = centres_um[keep] / upp
     row, col = np.asarray(row)[keep], np.asarray(col)[keep]
     n = int(keep.sum())
+    if n == 0:
+        msg = (
+            f"No {layout!r} unit of the {sec.height_um:g} × {sec.width_um:g} µm section has a tissue fraction of at "
+            f"least {min_tissue_fraction}; enlarge shape_um, lower min_tissue_fraction, or pass layout=None."
+        )
+        raise InputError(msg)
     if instance is None:
         instance = np.arange(n, dtype=np.int64)
         if layout in ("st", "visium"):
