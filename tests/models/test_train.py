@@ -116,3 +116,45 @@ def test_resolve_accelerator() -> None:
     assert resolve_accelerator("mps") == ("mps", "auto")
     with pytest.raises(InputError, match="Unknown device"):
         resolve_accelerator("tpu7")
+
+
+class _BiasedTiny(helpers.TinyModel):
+    """TinyModel whose network has PixNet's ``set_output_bias`` hook."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        conv = self.module[3]
+
+        @torch.no_grad()
+        def set_output_bias(values: torch.Tensor) -> None:
+            conv.weight.zero_()
+            if self.value_kind == "density":
+                values = values + torch.log(-torch.expm1(-values))
+            conv.bias.copy_(values)
+
+        self.module.set_output_bias = set_output_bias
+
+
+@pytest.mark.parametrize(("value_kind", "reduce"), [("intensive", "mean"), ("intensive", "sum"), ("density", "sum")])
+def test_output_bias_starts_at_the_mean_target(sdata, value_kind, reduce) -> None:
+    from stpredict.models._data import build_sections
+    from stpredict.models._train import _mean_target_per_pixel
+
+    space = "normalised" if value_kind == "intensive" else "counts"
+    sections = build_sections(sdata, image_key="he", table_keys=["table"], shapes_key=None, genes=GENES, space=space)
+    model = _BiasedTiny(GENES, value_kind=value_kind)
+    values = _mean_target_per_pixel(sections, model, reduce)
+    targets = sections[0].units[0].targets
+    area = np.pi * 6.0**2  # radius 6 px at 1 µm/px: the same number in model pixels and µm²
+    expected = targets.mean(axis=0) if reduce == "mean" else targets.mean(axis=0) / area
+    np.testing.assert_allclose(values, expected, rtol=1e-6)
+    # fit(max_epochs=0) only sets the bias: the map is flat at those values
+    fit(model, sdata, reduce=reduce, max_epochs=0, **FAST)
+    out = model.module(torch.zeros(1, 3, 8, 8)).detach().numpy()[0]
+    np.testing.assert_allclose(out[:, 0, 0], expected, rtol=1e-4)
+
+
+def test_batches_without_complete_units_do_not_break_training(sdata) -> None:
+    model = helpers.TinyModel(GENES, tile=8)  # an 8 px tile never holds a whole 12 px spot
+    fit(model, sdata, max_epochs=1, **FAST)
+    assert model.fit_history["train_loss"] == [0.0]

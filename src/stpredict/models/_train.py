@@ -87,6 +87,7 @@ def _quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*torch.sparse.*")
         warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         try:
             yield
         finally:
@@ -137,8 +138,20 @@ def _make_plan(**kwargs: Any) -> Any:
                 return poisson_nll(pred, target)
             return nb_nll(pred, target, self.log_theta)
 
+        def train(self, mode: bool = True) -> _Plan:
+            """Train mode, except frozen batch-norm layers (a frozen encoder keeps its running statistics)."""
+            super().train(mode)
+            if mode:
+                for sub in self.module.modules():
+                    params = list(sub.parameters(recurse=False))
+                    frozen = bool(params) and not any(p.requires_grad for p in params)
+                    if frozen and isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
+                        sub.eval()
+            return self
+
         def _step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-            x = normalize_tiles(batch["image"])
+            preprocess = getattr(self.module, "preprocess", None)
+            x = preprocess(batch["image"]) if callable(preprocess) else normalize_tiles(batch["image"])
             out = self.module(x)
             if self.loss_name != "paper" and not self._checked:
                 self._checked = True
@@ -166,6 +179,8 @@ def _make_plan(**kwargs: Any) -> Any:
                     if bool(mask.any()):
                         total = total + self._loss(pred[mask], batch["target"][mask])
                         n_units += int(mask.sum())
+            if n_units == 0:  # no complete unit in this batch: a zero loss that still has a graph
+                total = total + 0.0 * out.float().sum()
             return total, n_units
 
         def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -267,6 +282,7 @@ def fit(
     lr: float = 5e-4,
     weight_decay: float = 1e-4,
     augment: bool = True,
+    init_output_bias: bool = True,
     max_units_per_tile: int = 2048,
     validation_data: SpatialData | Sequence[SpatialData] | None = None,
     validation_fraction: float = 0.0,
@@ -325,6 +341,10 @@ def fit(
         AdamW settings (SPEC.md §2.5: 5e-4, 1e-4).
     augment
         Flips, 90° rotations and HED colour jitter on training tiles.
+    init_output_bias
+        On a model's first fit, start its output near the mean target per gene (through
+        ``model.module.set_output_bias`` where the network has one): the mean normalised value (``reduce="mean"``),
+        the mean value per input pixel of a footprint (``reduce="sum"``), or the mean count per µm² (density).
     max_units_per_tile
         Cap on supervised units per table per tile (e.g. thousands of 2 µm bins).
     validation_data
@@ -426,6 +446,11 @@ def fit(
     stride = float(model.output_stride)
     pixel_area = stride**2 if model.value_kind == "intensive" else (stride * float(model.um_per_px)) ** 2
 
+    setter = getattr(model.module, "set_output_bias", None)
+    if init_output_bias and callable(setter) and not getattr(model, "fit_history", None):
+        setter(torch.as_tensor(_mean_target_per_pixel(sections, model, reduce), dtype=torch.float32))
+    model.module.train()  # a model may come back from predict or load in eval mode; frozen parts stay eval
+
     accelerator, auto_devices = resolve_accelerator(device)
     if precision is None:
         precision = _default_precision(accelerator)
@@ -494,6 +519,30 @@ def fit(
         model.normalization = _target_normalization(data, table_keys[0], target_layer)
     logger.info("fit: %d epochs, best epoch %d", params["epochs_run"], history["best_epoch"])
     return model
+
+
+def _mean_target_per_pixel(sections: list[Any], model: Any, reduce: str) -> np.ndarray:
+    """Per-gene map value that reproduces the mean training target: the output-bias starting point."""
+    from ._footprints import DISK
+
+    values, weights = [], []
+    for section in sections:
+        to_model_px = section.image_um_per_px / float(model.um_per_px)
+        for units in section.units:
+            keep = units.allowed
+            if not keep.any():
+                continue
+            targets = units.targets[keep].astype(np.float64)
+            if reduce == "mean":
+                values.append(targets.sum(axis=0))
+                weights.append(len(targets))
+                continue
+            half = units.half_sizes[keep] * to_model_px
+            area_px = np.where(units.kinds[keep] == DISK, np.pi * half[:, 0] ** 2, 4 * half[:, 0] * half[:, 1])
+            area = area_px if model.value_kind == "intensive" else area_px * float(model.um_per_px) ** 2
+            values.append((targets / np.maximum(area, 1e-12)[:, None]).sum(axis=0))
+            weights.append(len(targets))
+    return np.sum(values, axis=0) / max(np.sum(weights), 1)
 
 
 def _target_normalization(data: Any, table_key: str, target_layer: str | None) -> dict[str, Any]:
