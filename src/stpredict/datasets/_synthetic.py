@@ -215,15 +215,15 @@ def _tissue_level(sec: _Section, x: np.ndarray, y: np.ndarray, outline: np.ndarr
     return np.minimum(1.0 + 0.4 * outline - 1.25 * rho2, 1.5 * (1.8 - holes))
 
 
-def _level_at(sec: _Section, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Tissue level at points, interpolated from the lattice exactly as the rasters are."""
-    kx, ky = np.floor(x / _LATTICE_UM), np.floor(y / _LATTICE_UM)
-    fx, fy = x / _LATTICE_UM - kx, y / _LATTICE_UM - ky
-    cx = np.concatenate([kx, kx + 1, kx, kx + 1]) * _LATTICE_UM
-    cy = np.concatenate([ky, ky, ky + 1, ky + 1]) * _LATTICE_UM
-    wanted = [_F_OUTLINE, _F_HOLES]
-    vals = K.eval_fields(cx, cy, sec.omega[wanted], sec.phase[wanted])
-    v00, v01, v10, v11 = _tissue_level(sec, cx, cy, vals[0], vals[1]).reshape(4, -1)
+def _interp_points(lat: np.ndarray, x: np.ndarray, y: np.ndarray, kx0: int, ky0: int) -> np.ndarray:
+    """Bilinear interpolation at points (µm) of lattice values ``(F, ny, nx)`` whose first point is ``(kx0, ky0)``."""
+    gx, gy = x / _LATTICE_UM, y / _LATTICE_UM
+    kx, ky = np.floor(gx), np.floor(gy)
+    fx, fy = gx - kx, gy - ky
+    ix = np.clip(kx.astype(np.int64) - kx0, 0, lat.shape[2] - 2)
+    iy = np.clip(ky.astype(np.int64) - ky0, 0, lat.shape[1] - 2)
+    v00, v01 = lat[:, iy, ix], lat[:, iy, ix + 1]
+    v10, v11 = lat[:, iy + 1, ix], lat[:, iy + 1, ix + 1]
     return (v00 * (1.0 - fx) + v01 * fx) * (1.0 - fy) + (v10 * (1.0 - fx) + v11 * fx) * fy
 
 
@@ -290,14 +290,21 @@ def _tile_cells(sec: _Section, ty: int, tx: int) -> dict[str, np.ndarray]:
     fa, fb = rng.uniform(5.0, 14.0, nf), rng.uniform(0.45, 0.9, nf)
     f_noise, fval = rng.normal(0, 0.25, nf), 0.22 * rng.uniform(0.7, 1.3, nf)
 
-    fields = [_F_ORIENT, *range(_F_BASIS + _N_BASIS, _F_BASIS + _N_BASIS + n_types)]
-    px, py = np.concatenate([x, fx]), np.concatenate([y, fy])
-    vals = K.eval_fields(px, py, sec.omega[fields], sec.phase[fields])
-    level = _level_at(sec, px, py)
-    logits = _DOMAIN_SHARPNESS * vals[1:]
+    # Fields at the points, interpolated from the tile's lattice points (the same points the rasters use).
+    k = int(round(_TILE_UM / _LATTICE_UM))
+    gx, gy = np.meshgrid(
+        np.arange(tx * k, tx * k + k + 1) * _LATTICE_UM, np.arange(ty * k, ty * k + k + 1) * _LATTICE_UM
+    )
+    wanted = [_F_OUTLINE, _F_HOLES, _F_ORIENT, *range(_F_BASIS + _N_BASIS, _F_BASIS + _N_BASIS + n_types)]
+    lat = K.eval_fields(gx.ravel(), gy.ravel(), sec.omega[wanted], sec.phase[wanted])
+    lat[1] = _tissue_level(sec, gx.ravel(), gy.ravel(), lat[0], lat[1])
+    vals = _interp_points(lat[1:].reshape(-1, k + 1, k + 1), np.concatenate([x, fx]), np.concatenate([y, fy]),
+                          tx * k, ty * k)  # fmt: skip
+    level = vals[0]
+    logits = _DOMAIN_SHARPNESS * vals[2:]
     prob = np.exp(logits - logits.max(axis=0))
     prob /= prob.sum(axis=0)
-    orient = vals[0] * np.pi
+    orient = vals[1] * np.pi
 
     # Cells: type from the local mixture, thinned by the type's density.
     cum = np.cumsum(prob[:, :n], axis=0)
