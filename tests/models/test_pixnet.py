@@ -221,3 +221,30 @@ def test_repr_and_parameter_counts(lite0):
     assert "PixNet(3 genes" in repr(lite0)
     n_backbone = sum(p.numel() for p in lite0.module.encoder.backbone.parameters())
     assert lite0.n_parameters() - lite0.n_parameters(trainable_only=True) == n_backbone
+
+
+def test_vit_pretrained_file_resamples_position_embedding(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    full = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=4)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, tmp_path / "vit.safetensors")
+    model = small(
+        encoder="vit_tiny_patch16_224",
+        encoder_kwargs={"depth": 4},
+        decoder_channels=(8, 16, 16, 32),
+        pretrained=tmp_path / "vit.safetensors",
+    )
+    backbone = model.module.encoder.backbone
+    assert backbone.pos_embed.shape == (1, 1 + 2 * 2, 192)  # 32 px tiles, 16 px patches, one class token
+    torch.testing.assert_close(backbone.blocks[3].attn.qkv.weight, full.blocks[3].attn.qkv.weight)
+    torch.testing.assert_close(backbone.pos_embed[:, 0], full.pos_embed[:, 0])
+    assert model.predict_tiles(np.zeros((1, 3, 32, 32), np.uint8), device="cpu").shape == (1, 3, 32, 32)
+
+
+def test_uni2_h_preset_builds_offline():
+    model = small(encoder="uni2_h", encoder_kwargs={"depth": 6, "embed_dim": 48, "num_heads": 2, "mlp_ratio": 2})
+    backbone = model.module.encoder.backbone
+    assert backbone.num_reg_tokens == 8
+    assert backbone.patch_embed.patch_size == (14, 14)
+    assert model.predict_tiles(np.zeros((1, 3, 28, 28), np.uint8), device="cpu").shape == (1, 3, 28, 28)

@@ -254,7 +254,13 @@ def build_encoder(
         deepest = max(backbone.feature_info.reduction())
         n_levels = min(n_levels, int(math.log2(deepest)) + 1)
     elif kind == "vit":
-        vit_kwargs = {"img_size": tile_size, "dynamic_img_size": True, "num_classes": 0, **kwargs}
+        vit_kwargs = {
+            "img_size": tile_size,
+            "dynamic_img_size": True,
+            "dynamic_img_pad": True,
+            "num_classes": 0,
+            **kwargs,
+        }
         backbone = timm.create_model(arch, pretrained=False, **vit_kwargs)
     else:
         msg = f"encoder_kind={kind!r}: use 'auto', 'cnn' or 'vit'."
