@@ -158,3 +158,29 @@ def test_batches_without_complete_units_do_not_break_training(sdata) -> None:
     model = helpers.TinyModel(GENES, tile=8)  # an 8 px tile never holds a whole 12 px spot
     fit(model, sdata, max_epochs=1, **FAST)
     assert model.fit_history["train_loss"] == [0.0]
+
+
+def test_training_plan_pickles() -> None:
+    import pickle
+
+    from stpredict.models import _train
+
+    model = helpers.TinyModel(GENES)
+    plan = _train._make_plan(
+        module=model.module,
+        inputs="tiles",
+        loss="nb",
+        reduce="sum",
+        pixel_area=1.0,
+        pcc_weight=0.5,
+        lr=1e-3,
+        weight_decay=0.0,
+        n_genes=3,
+        n_tables=1,
+    )
+    again = pickle.loads(pickle.dumps(plan))  # DDP spawn and spawn-started workers pickle it
+    assert type(again) is _train._Plan
+    assert torch.equal(again.log_theta, plan.log_theta)
+    callbacks, best = _train._make_callbacks(has_val=True, patience=3)
+    assert type(pickle.loads(pickle.dumps(best))) is _train._BestWeights
+    assert len(callbacks) == 2

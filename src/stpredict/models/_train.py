@@ -7,6 +7,7 @@ progress bars and multi-GPU data parallelism (``devices=4, strategy="ddp"``) wit
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
 from typing import TYPE_CHECKING, Any, Literal
@@ -95,8 +96,13 @@ def _quiet_lightning() -> Iterator[None]:
                 logging.getLogger(n).setLevel(level)
 
 
-def _make_plan(**kwargs: Any) -> Any:
-    """Build the LightningModule (its class is defined here so that Lightning stays an optional, lazy import)."""
+@functools.cache
+def _lightning_classes() -> tuple[type, type]:
+    """The LightningModule and callback classes, created on first use so that Lightning stays a lazy import.
+
+    They are published as this module's ``_Plan`` and ``_BestWeights`` (see :func:`__getattr__`), so that they
+    pickle (DDP spawn, DataLoader workers on spawn platforms).
+    """
     import lightning.pytorch as lp
     import torch
 
@@ -185,27 +191,30 @@ def _make_plan(**kwargs: Any) -> Any:
 
         def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
             loss, _ = self._step(batch)
-            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+            self.log(
+                "train_loss",
+                loss,
+                on_step=True,
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=batch["image"].shape[0],
+                sync_dist=True,
+            )
             return loss
 
         def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
             loss, _ = self._step(batch)
-            self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+            self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             params = [p for p in self.parameters() if p.requires_grad]
             return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
-    return _Plan(**kwargs)
-
-
-def _make_callbacks(plan: Any, *, has_val: bool, patience: int) -> tuple[list[Any], Any]:
-    import lightning.pytorch as lp
-
     class _BestWeights(lp.Callback):
         """Per-epoch history; keeps the weights of the best epoch in memory and restores them at the end."""
 
-        def __init__(self) -> None:
+        def __init__(self, *, has_val: bool) -> None:
+            self.has_val = has_val
             self.history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
             self.best_score = float("inf")
             self.best_epoch = -1
@@ -216,7 +225,7 @@ def _make_callbacks(plan: Any, *, has_val: bool, patience: int) -> tuple[list[An
             train = float(metrics.get("train_loss_epoch", float("nan")))
             self.history["train_loss"].append(train)
             score = train
-            if has_val:
+            if self.has_val:
                 score = float(metrics.get("val_loss", float("nan")))
                 self.history["val_loss"].append(score)
             if np.isfinite(score) and score < self.best_score:
@@ -228,7 +237,29 @@ def _make_callbacks(plan: Any, *, has_val: bool, patience: int) -> tuple[list[An
             if self.best_state is not None:
                 pl_module.load_state_dict(self.best_state)
 
-    best = _BestWeights()
+    for cls in (_Plan, _BestWeights):
+        cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
+    return _Plan, _BestWeights
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("_Plan", "_BestWeights"):
+        plan, best = _lightning_classes()
+        return plan if name == "_Plan" else best
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def _make_plan(**kwargs: Any) -> Any:
+    """Build the LightningModule that trains ``kwargs["module"]``."""
+    return _lightning_classes()[0](**kwargs)
+
+
+def _make_callbacks(*, has_val: bool, patience: int) -> tuple[list[Any], Any]:
+    import lightning.pytorch as lp
+
+    best = _lightning_classes()[1](has_val=has_val)
     callbacks: list[Any] = [best]
     if has_val:
         callbacks.append(lp.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience))
@@ -398,6 +429,9 @@ def fit(
         msg = "target_layer names normalised targets (loss='paper'); poisson/nb losses use the raw counts in X."
         raise InputError(msg)
     inputs = getattr(model, "_fit_inputs", "tiles")
+    if inputs == "units" and reduce != "mean":
+        msg = f"{type(model).__name__} predicts each unit's value from its crop; reduce does not apply (leave it None)."
+        raise InputError(msg)
     space = "normalised" if loss == "paper" else "counts"
     build = {
         "image_key": image_key,
@@ -471,7 +505,7 @@ def fit(
             n_genes=len(model.var_names),
             n_tables=len(table_keys),
         )
-        callbacks, best = _make_callbacks(plan, has_val=val_loader is not None, patience=patience)
+        callbacks, best = _make_callbacks(has_val=val_loader is not None, patience=patience)
         callbacks += list(trainer_kwargs.pop("callbacks", []))
         trainer = lp.Trainer(
             max_epochs=max_epochs,
