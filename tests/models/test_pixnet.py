@@ -154,20 +154,18 @@ def test_hub_offline_error_names_local_file(monkeypatch):
 
 
 def test_density_head_is_nonnegative_and_bias_init(tiles):
-    model = small(value_kind="density", output_stride=2, um_per_px=0.5)
+    model = small(value_kind="density", output_stride=2, um_per_px=0.5, attention="channel")
     assert model.pixel_area_um2 == 1.0
-    out = model.predict_tiles(tiles, device="cpu")
-    assert (out >= 0).all()
+    assert (model.predict_tiles(tiles, device="cpu") >= 0).all()
     with torch.no_grad():
         model.module.head.weight.zero_()
     model.module.set_output_bias(torch.tensor([1e-3, 0.5, 2.0]))
-    out = model.predict_tiles(tiles, device="cpu")
+    out = model.predict_tiles(tiles[:1], device="cpu")
     np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), [1e-3, 0.5, 2.0], rtol=1e-4)
-    intensive = small()
-    with torch.no_grad():
-        intensive.module.head.weight.zero_()
-    intensive.module.set_output_bias(torch.tensor([-1.0, 0.0, 3.0]))
-    np.testing.assert_allclose(intensive.predict_tiles(tiles, device="cpu")[0, :, 5, 7], [-1.0, 0.0, 3.0], atol=1e-6)
+    # intensive: the identity, so the bias is the value itself (and may be negative)
+    model.module.value_kind = "intensive"
+    model.module.set_output_bias(torch.tensor([-1.0, 0.0, 3.0]))
+    np.testing.assert_allclose(model.predict_tiles(tiles[:1], device="cpu")[0, :, 5, 7], [-1.0, 0.0, 3.0], atol=1e-6)
 
 
 def test_seeded_and_batched_predictions_agree(tiles):
@@ -248,3 +246,14 @@ def test_uni2_h_preset_builds_offline():
     assert backbone.num_reg_tokens == 8
     assert backbone.patch_embed.patch_size == (14, 14)
     assert model.predict_tiles(np.zeros((1, 3, 28, 28), np.uint8), device="cpu").shape == (1, 3, 28, 28)
+
+
+def test_warns_about_frozen_random_encoder_but_not_on_load(caplog, tmp_path):
+    with caplog.at_level("WARNING", logger="stpredict"):
+        model = small(encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 6}, output_stride=4)
+    assert "random weights" in caplog.text
+    model.save(tmp_path / "m")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stpredict"):
+        st.models.load(tmp_path / "m")
+    assert "random weights" not in caplog.text

@@ -224,6 +224,11 @@ class PixNet:
             msg = f"internal: pyramid starts at stride {self.module.output_stride}, expected {self.output_stride}."
             raise RuntimeError(msg)
         self._load_pretrained(pretrained, encoder=encoder, arch=arch, kwargs=kwargs)
+        if pretrained is None and freeze_encoder is not False and not getattr(self, "_restoring", False):
+            logger.warning(
+                "PixNet: the encoder is (partly) frozen but has random weights (pretrained=None); pass pretrained= "
+                "(e.g. 'efficientnet-lite0' for the default encoder) or freeze_encoder=False before training."
+            )
         enc.freeze(freeze_encoder)
         self.module.eval()
 
@@ -361,7 +366,10 @@ class PixNet:
         params = dict(config["params"])
         provenance = params.pop("pretrained", None)
         try:
-            model = cls(config["var_names"], pretrained=None, **params)
+            model = cls.__new__(cls)
+            model._restoring = True  # weights come from the checkpoint: no warning about a random frozen encoder
+            model.__init__(config["var_names"], pretrained=None, **params)
+            del model._restoring
         except TypeError as err:
             msg = f"PixNet checkpoint has parameters this stpredict does not know ({err}); upgrade stpredict."
             raise InputError(msg) from err
