@@ -222,18 +222,30 @@ def _is_dask(data: Any) -> bool:
     return hasattr(data, "dask") and hasattr(data, "chunks")
 
 
+def _col_blocks(nx: int, cw: int, rows: int, n_c: int, itemsize: int, block_bytes: int) -> list[tuple[int, int]]:
+    """Column ranges of whole chunk columns (or parts of one) with ``n_c·rows·w·itemsize <= block_bytes``."""
+    per_col = n_c * rows * itemsize
+    w = max(1, block_bytes // max(per_col, 1))
+    w = (w // cw) * cw if w >= cw else max(min(64, nx), w)
+    return [(x, min(nx, x + w)) for x in range(0, nx, w)]
+
+
 def _tiles(shape: tuple[int, int, int], itemsize: int, chunks: Any, block_bytes: int) -> list[tuple[int, ...]]:
     """Tiles ``(y0, y1, x0, x1)`` of the raster with ``c·h·w·itemsize <= block_bytes``, aligned to dask chunks."""
     n_c, ny, nx = shape
-    ch = chunks[1][0] if chunks is not None else ny
-    cw = chunks[2][0] if chunks is not None else nx
     if n_c * ny * nx * itemsize <= block_bytes:
         return [(0, ny, 0, nx)]
-    side = max(64, int(math.sqrt(block_bytes / (n_c * itemsize))))
-    h = max(ch, (side // ch) * ch) if ch <= side else side
-    w = max(1, block_bytes // (n_c * itemsize * h))
-    w = max(cw, (w // cw) * cw) if cw <= w else max(64, w)
-    return [(y, min(ny, y + h), x, min(nx, x + w)) for y in range(0, ny, h) for x in range(0, nx, w)]
+    ch = int(chunks[1][0]) if chunks is not None else ny
+    cw = int(chunks[2][0]) if chunks is not None else nx
+    if n_c * ch * itemsize * min(cw, nx) <= block_bytes:
+        h = ch * max(1, int(block_bytes // (n_c * ch * itemsize * nx)))  # whole chunk rows when they fit
+    else:
+        h = max(1, min(ch, int(math.sqrt(block_bytes / (n_c * itemsize)))))
+    tiles = []
+    for y in range(0, ny, h):
+        y1 = min(ny, y + h)
+        tiles += [(y, y1, x0, x1) for x0, x1 in _col_blocks(nx, cw, y1 - y, n_c, itemsize, block_bytes)]
+    return tiles
 
 
 def _prefetched(data: Any, tiles: list[tuple[int, ...]]) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
@@ -246,7 +258,7 @@ def _prefetched(data: Any, tiles: list[tuple[int, ...]]) -> Iterator[tuple[tuple
             block = block.compute()
         return _float_block(block)
 
-    if not _is_dask(data):
+    if not _is_dask(data) or len(tiles) == 1:
         for t in tiles:
             yield t, load(t)
         return
@@ -282,33 +294,42 @@ def _grid_bands(
         rect_sum(_float_block(data), axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx), out)
         yield 0, nby, out
         return
-    ch = int(data.chunks[1][0])
-    bin_h = (ye[-1] - ye[0]) / max(nby, 1)
-    per_band = max(1, int(ch // max(bin_h, 1e-12)))
-    # keep the band accumulator itself within the block budget
-    per_band = max(1, min(per_band, block_bytes // max(1, 8 * n_c * nbx)))
-    bands = [(r, min(nby, r + per_band)) for r in range(0, nby, per_band)]
-    for r0, r1 in _progress(bands, len(bands), desc, show):
+    # one band per chunk row of pixels (each chunk is read once); the bin row cut by a band's lower edge is
+    # carried into the next band
+    bounds = np.r_[0, np.cumsum(data.chunks[1])].astype(np.int64)
+    cw = int(data.chunks[2][0])
+    pending: tuple[int, np.ndarray] | None = None
+    bands = list(zip(bounds[:-1], bounds[1:], strict=True))
+    for y0, y1 in _progress(bands, len(bands), desc, show):
+        r0 = max(0, int(np.searchsorted(ye, y0, side="right")) - 1)
+        r1 = min(nby, int(np.searchsorted(ye, y1, side="left")))
+        if r1 <= r0:
+            continue
+        if pending is not None and pending[0] != r0:
+            yield pending[0], pending[0] + 1, pending[1][:, None]
+            pending = None
         out = np.zeros((n_c, r1 - r0, nbx))
-        py0 = int(min(max(math.floor(ye[r0]), 0), ny))
-        py1 = int(min(max(math.ceil(ye[r1]), 0), ny))
-        if py1 > py0:
-            tiles = [
-                (py0 + t[0], py0 + t[1], t[2], t[3])
-                for t in _tiles((n_c, py1 - py0, nx), itemsize, data.chunks, block_bytes)
-            ]
-            ty_cache: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
-            for (y0, y1, x0, x1), block in _prefetched(data, tiles):
-                ty = ty_cache.get((y0, y1))
-                if ty is None:
-                    ty = ty_cache[(y0, y1)] = axis_table(ye[r0:r1] - y0, ye[r0 + 1 : r1 + 1] - y0, y1 - y0)
-                k0 = max(0, int(np.searchsorted(xe, x0, side="right")) - 1)
-                k1 = min(nbx, int(np.searchsorted(xe, x1, side="left")))
-                if k1 <= k0:
-                    continue
-                tx = axis_table(xe[k0:k1] - x0, xe[k0 + 1 : k1 + 1] - x0, x1 - x0)
-                rect_sum(block, ty, tx, out, offset=(0, k0))
-        yield r0, r1, out
+        if pending is not None:
+            out[:, 0] += pending[1]
+            pending = None
+        ty = axis_table(ye[r0:r1] - y0, ye[r0 + 1 : r1 + 1] - y0, y1 - y0)
+        height = int(y1 - y0)
+        tiles = [(y0, y1, a, b) for a, b in _col_blocks(nx, cw, height, n_c, itemsize, block_bytes)]
+        for (_, _, x0, x1), block in _prefetched(data, tiles):
+            k0 = max(0, int(np.searchsorted(xe, x0, side="right")) - 1)
+            k1 = min(nbx, int(np.searchsorted(xe, x1, side="left")))
+            if k1 <= k0:
+                continue
+            tx = axis_table(xe[k0:k1] - x0, xe[k0 + 1 : k1 + 1] - x0, x1 - x0)
+            rect_sum(block, ty, tx, out, offset=(0, k0))
+        if y1 < ny and ye[r1] > y1 + 1e-9:  # the last bin row continues in the next band
+            pending = (r1 - 1, out[:, -1].copy())
+            if r1 - 1 > r0:
+                yield r0, r1 - 1, out[:, :-1]
+        else:
+            yield r0, r1, out
+    if pending is not None:
+        yield pending[0], pending[0] + 1, pending[1][:, None]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -466,10 +487,11 @@ def _bins(
         rr, cc = np.nonzero(sel)
         rows.append(rr + r0)
         cols.append(cc)
-        xs.append(band[:, rr, cc].T)
+        xs.append(np.ascontiguousarray(band[:, rr, cc].T, dtype=np.float32))  # X is float32; keeps memory low
     r = np.concatenate(rows)
     c = np.concatenate(cols)
-    sums = np.concatenate(xs, axis=0) if xs else np.zeros((0, n_c))
+    sums = np.concatenate(xs, axis=0) if xs else np.zeros((0, n_c), dtype=np.float32)
+    del xs
     if r.size == 0:
         msg = f"No bin of {grid.size:g} µm meets the tissue of {m.key!r}; check `tissue_key` and the grid origin."
         raise InputError(msg)
@@ -621,6 +643,24 @@ def _shapes(
     return out[keep], obs
 
 
+def _compact_labels(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted non-zero label ids and an int64 index image (-1 for background)."""
+    lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
+    if lo >= 0 and hi < 4 * lab.size + 1024:  # dense ids: a lookup table, O(n)
+        present = np.bincount(lab.ravel().astype(np.intp, copy=False), minlength=hi + 1) > 0
+        present[0] = False
+        uniq = np.flatnonzero(present)
+        lut = np.full(hi + 1, -1, dtype=np.int64)
+        lut[uniq] = np.arange(uniq.size)
+        return uniq.astype(lab.dtype), lut[lab]
+    uniq, inv = np.unique(lab, return_inverse=True)
+    compact = inv.reshape(lab.shape).astype(np.int64)
+    if uniq[0] == 0:
+        compact -= 1
+        uniq = uniq[1:]
+    return uniq, compact
+
+
 def _labels(
     sdata: SpatialData, m: _Map, labels_key: str, block_bytes: int, show: bool | None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -651,11 +691,7 @@ def _labels(
             continue
         lab_block = lab[ly0:ly1, lx0:lx1]
         lab_block = np.asarray(lab_block.compute() if _is_dask(lab_block) else lab_block)
-        uniq, inv = np.unique(lab_block, return_inverse=True)
-        compact = inv.reshape(lab_block.shape).astype(np.int64)
-        if uniq[0] == 0:
-            compact -= 1
-            uniq = uniq[1:]
+        uniq, compact = _compact_labels(lab_block)
         if uniq.size == 0:
             continue
         ey = sy * np.arange(ly0, ly1 + 1, dtype=np.float64) + ty - y0
@@ -709,12 +745,15 @@ def _labels(
 def _finish(sums: np.ndarray, obs: dict[str, np.ndarray], m: _Map) -> tuple[np.ndarray, str]:
     """Values from the raw pixel-overlap sums, and the unit of ``"sum"``."""
     n_px = obs["n_pixels"]
+    sums = sums.astype(np.float32, copy=False)
     if m.reduce == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
-            return (sums / n_px[:, None]).astype(np.float32), "mean"
+            sums /= n_px[:, None].astype(np.float32)
+        return sums, "mean"
     if m.value_kind == Attrs.density:
-        return (sums * m.px_area_um2).astype(np.float32), "um2"
-    return sums.astype(np.float32), "px"
+        sums *= np.float32(m.px_area_um2)
+        return sums, "um2"
+    return sums, "px"
 
 
 def aggregate(
@@ -839,10 +878,15 @@ def aggregate(
 
     obs_df = pd.DataFrame(obs)
     obs_df.index = obs_df[Keys.instance_key].astype(str).to_numpy()
-    obs_df[Keys.region_key] = pd.Categorical([region] * len(obs_df))
+    obs_df[Keys.region_key] = pd.Categorical.from_codes(np.zeros(len(obs_df), dtype=np.int8), categories=[region])
     adata = AnnData(X=x, obs=obs_df, var=pd.DataFrame(index=m.channels), obsm={"spatial": spatial})
     adata.uns[Attrs.root] = params
-    adata = TableModel.parse(adata, region=region, region_key=Keys.region_key, instance_key=Keys.instance_key)
+    # what TableModel.parse writes, without its per-call validation (groupby over millions of bins)
+    adata.uns[TableModel.ATTRS_KEY] = {
+        TableModel.REGION_KEY: region,
+        TableModel.REGION_KEY_KEY: Keys.region_key,
+        TableModel.INSTANCE_KEY: Keys.instance_key,
+    }
     if not inplace:
         return adata
     if bin_size is not None:
