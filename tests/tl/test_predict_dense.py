@@ -256,6 +256,14 @@ def test_backed_run_interrupted_resumes_to_identical_map(rgb, tmp_path, monkeypa
     np.testing.assert_array_equal(_map(back), _map(reference))
     assert get_element_meta(back, "he_colour")["model"] == "colour"
 
+    partial = read_zarr(tmp_path / "s.zarr", selection=("images",))
+    del partial.images["he_colour"]  # on disk only
+    with pytest.raises(InputError, match="overwrite=True"):
+        st.tl.predict_dense(partial, ColourModel(), **kwargs)
+    st.tl.predict_dense(sdata, ColourModel(), genes=["g1"], overwrite=True, **kwargs)  # replaced on disk
+    again = read_zarr(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(_map(again), _map(reference)[1:2])
+
 
 def test_distributed_client_gives_the_same_map(rgb, monkeypatch):
     distributed = pytest.importorskip("distributed")

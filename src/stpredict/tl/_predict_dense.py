@@ -203,7 +203,11 @@ def _prepare_unit(plan: _Plan, array: Any, unit: tuple[int, int], use_carry: boo
 
 
 def _blend_unit(
-    plan: _Plan, predictor: _Predictor, inp: _UnitInput, carry: tuple[np.ndarray, np.ndarray] | None
+    plan: _Plan,
+    predictor: _Predictor,
+    inp: _UnitInput,
+    carry: tuple[np.ndarray, np.ndarray] | None,
+    buffers: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None, bool]:
     """Predict and blend the tiles of one unit into its normalised block, its carry and whether any tile counted.
 
@@ -216,8 +220,13 @@ def _blend_unit(
     x0, x1 = plan.panel_bounds(p)
     y_end = min(y1 + gy.ramp, gy.size)  # rows accumulated, including the carry into the next chunk row
     n_genes = len(plan.channels)
-    acc = np.zeros((n_genes, y_end - y0, x1 - x0), dtype=np.float32)
-    wsum = np.zeros((y_end - y0, x1 - x0), dtype=np.float32)
+    if buffers is None:
+        acc = np.zeros((n_genes, y_end - y0, x1 - x0), dtype=np.float32)
+        wsum = np.zeros((y_end - y0, x1 - x0), dtype=np.float32)
+    else:  # reused: filling is cheaper than faulting in fresh pages
+        acc, wsum = buffers
+        acc.fill(0)
+        wsum.fill(0)
     carried = inp.uses_carry and carry is not None
     if carried:
         acc[:, : carry[1].shape[0]] = carry[0]
@@ -263,9 +272,11 @@ def _blend_unit(
             wsum[a - y0 : b - y0, c - x0 : d - x0] += w
         predictor.blend_seconds += time.perf_counter() - t_blend
     h = y1 - y0
-    block = np.zeros((n_genes, h, x1 - x0), dtype=np.float32)
-    np.divide(acc[:, :h], wsum[:h], out=block, where=wsum[:h] > 0)
     new_carry = (acc[:, h:].copy(), wsum[h:].copy()) if y_end > y1 else None
+    inverse = np.zeros((h, x1 - x0), dtype=np.float32)
+    np.divide(1.0, wsum[:h], out=inverse, where=wsum[:h] > 0)
+    block = acc[:, :h]  # normalised in place: a view, no second block-sized array
+    block *= inverse
     touched = bool(inp.tiles) or (carried and bool(carry[1].any()))
     return block, new_carry, touched
 
@@ -493,6 +504,15 @@ def predict_dense(
             f"sdata.{existing[0]}[{key!r}] already exists; pass `overwrite=True` to replace it, or another `key_added`."
         )
         raise InputError(msg)
+    if (
+        inplace
+        and not existing
+        and not overwrite
+        and sdata.is_backed()
+        and (Path(sdata.path) / "images" / key).exists()
+    ):
+        msg = f"An image {key!r} exists in the zarr store {sdata.path}; pass `overwrite=True` to replace it."
+        raise InputError(msg)
     if inplace and existing and existing[0] != "images":
         msg = f"{key!r} is a {existing[0][:-1]} element; choose another `key_added`."
         raise InputError(msg)
@@ -694,6 +714,12 @@ def predict_dense(
     return None
 
 
+def _acc_shape(plan: _Plan, unit: tuple[int, int]) -> tuple[int, int, int]:
+    y0, y1 = plan.gy.chunk_bounds(unit[0])
+    x0, x1 = plan.panel_bounds(unit[1])
+    return len(plan.channels), min(y1 + plan.gy.ramp, plan.gy.size) - y0, x1 - x0
+
+
 def _run_local(plan: _Plan, array: Any, predictor: _Predictor, units: list[tuple[int, int]], write: Any) -> float:
     """Compute units in order, reading ahead and writing behind in background threads; return seconds reading.
 
@@ -710,6 +736,7 @@ def _run_local(plan: _Plan, array: Any, predictor: _Predictor, units: list[tuple
 
     read_seconds = 0.0
     carry: tuple[np.ndarray, np.ndarray] | None = None
+    free: dict[tuple[int, ...], list] = {}  # accumulator buffers by shape, reused once their block is written
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending: deque = deque()
         nxt = reader.submit(_prepare_unit, plan, array, units[0], False)
@@ -719,12 +746,20 @@ def _run_local(plan: _Plan, array: Any, predictor: _Predictor, units: list[tuple
                 read_seconds += inp.seconds
                 if i + 1 < len(units):
                     nxt = reader.submit(_prepare_unit, plan, array, units[i + 1], use_carry(i + 1))
-                block, carry, touched = _blend_unit(plan, predictor, inp, carry)
-                pending.append(writer.submit(write, unit, block if touched else None))
+                shape = _acc_shape(plan, unit)
+                buffers = (
+                    free[shape].pop()
+                    if free.get(shape)
+                    else (np.empty(shape, np.float32), np.empty(shape[1:], np.float32))
+                )
+                block, carry, touched = _blend_unit(plan, predictor, inp, carry, buffers)
+                pending.append((writer.submit(write, unit, block if touched else None), shape, buffers))
                 while len(pending) > 1:
-                    pending.popleft().result()
+                    future, done_shape, done_buffers = pending.popleft()
+                    future.result()
+                    free.setdefault(done_shape, []).append(done_buffers)
             while pending:
-                pending.popleft().result()
+                pending.popleft()[0].result()
         finally:
             nxt.cancel()
     return read_seconds
