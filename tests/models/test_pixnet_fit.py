@@ -1,0 +1,50 @@
+"""PixNet through the shared fit loop: the integration of the network with training and checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stpredict as st
+
+_spec = importlib.util.spec_from_file_location("_training_data", Path(__file__).with_name("_training_data.py"))
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+FAST = {"batch_size": 4, "tiles_per_epoch": 8, "show_progress_bar": False, "device": "cpu"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value_kind", ["intensive", "density"])
+def test_fit_updates_trainable_parts_only_and_round_trips(value_kind, tmp_path):
+    sdata = helpers.make_sdata(size=96)
+    model = st.models.PixNet(
+        ["g0", "g1", "g2"],
+        pretrained="efficientnet-lite0",
+        tile_size=32,
+        output_stride=2,
+        decoder_channels=(8, 16, 16, 32, 32, 32),
+        attention="channel",
+        value_kind=value_kind,
+        freeze_encoder=True,
+    )
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    assert model.fit(sdata, max_epochs=1, validation_fraction=0.25, **FAST) is model
+    after = model.module.state_dict()
+    backbone = {f"encoder.backbone.{k}" for k in model.module.encoder.backbone.state_dict()}
+    assert all(torch.equal(before[k], after[k]) for k in backbone)  # frozen: weights and BN statistics fixed
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert len(model.fit_history["train_loss"]) == 1
+    tiles = np.random.default_rng(0).integers(0, 256, size=(1, 3, 32, 32), dtype=np.uint8)
+    pred = model.predict_tiles(tiles, device="cpu")
+    assert np.isfinite(pred).all()
+    if value_kind == "density":
+        assert (pred >= 0).all()
+    loaded = st.models.load(model.save(tmp_path / "m"))
+    np.testing.assert_array_equal(loaded.predict_tiles(tiles, device="cpu"), pred)
+    assert loaded.fit_history == model.fit_history
+    assert loaded.fit_params["max_epochs"] == 1
