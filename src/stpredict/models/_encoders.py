@@ -99,8 +99,12 @@ class PyramidEncoder(nn.Module):
             # the backbone's own parameters outside the blocks (stem, norms) stay frozen unless k covers all blocks
             if k >= len(units):
                 return
+            # modules outside the fine-tuned blocks that hold no fine-tuned parameter (their containers excluded)
+            inside = {id(m) for unit in units[len(units) - k :] if k for m in unit.modules()}
             self._frozen = [
-                m for m in self.backbone.modules() if not any(id(p) in trainable for p in m.parameters(recurse=False))
+                m
+                for m in self.backbone.modules()
+                if id(m) not in inside and not any(id(p) in trainable for p in m.parameters())
             ]
             for param in self.backbone.parameters():
                 if id(param) not in trainable:
