@@ -296,3 +296,62 @@ def test_bad_input_leaves_data_unchanged(rng):
     with pytest.raises(InputError, match="meets"):
         st.tl.aggregate(sdata, "map", shapes_key="off")
     assert set(sdata.tables) | set(sdata.shapes) == before | {"far", "off"}
+
+
+def test_dask_blocks_multiscale_and_threads_match_in_memory(rng):
+    import concurrent.futures
+
+    values = rng.random((3, 60, 50)).astype(np.float32)
+    ref_sdata = _sdata(values, scale=1.0, kind=None)
+    image = Image2DModel.parse(
+        da.from_array(values, chunks=(3, 16, 16)),
+        dims=("c", "y", "x"),
+        c_coords=GENES,
+        scale_factors=[2],
+        transformations={"um": Identity(), "global": Identity()},
+    )
+    sdata = SpatialData(images={"map": image})
+    lab = np.repeat(np.repeat(rng.integers(0, 30, size=(15, 13)), 4, axis=0), 4, axis=1)[:60, :50].astype(np.int32)
+    polys = [shapely.Point(x, y).buffer(r) for x, y, r in rng.uniform((0, 0, 1), (50, 60, 9), size=(12, 3))]
+    for s in (ref_sdata, sdata):
+        s.labels["cells"] = Labels2DModel.parse(lab, dims=("y", "x"), transformations={"um": Identity()})
+        s.shapes["cells_poly"] = ShapesModel.parse(gpd.GeoDataFrame(geometry=polys), transformations={"um": Identity()})
+    small = 3 * 16 * 16 * 4
+    for kw in ({"bin_size": 7.5}, {"labels_key": "cells"}, {"shapes_key": "cells_poly"}):
+        ref = st.tl.aggregate(ref_sdata, "map", reduce="sum", inplace=False, tissue_key=False, **kw)
+
+        def run(_, kw=kw):
+            return st.tl.aggregate(sdata, "map", reduce="sum", inplace=False, block_bytes=small, **kw)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(run, range(2)))
+        for out in outs:
+            np.testing.assert_array_equal(out.obs_names, ref.obs_names)
+            np.testing.assert_allclose(out.X, ref.X, rtol=1e-5)
+            np.testing.assert_allclose(out.obs["n_pixels"], ref.obs["n_pixels"], rtol=1e-9)
+
+
+def test_rotated_map_and_elliptic_circles_raise(rng):
+    from spatialdata.transformations import Affine
+
+    values = rng.random((3, 16, 16)).astype(np.float32)
+    c, s = math.cos(0.3), math.sin(0.3)
+    rot = Affine(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]), input_axes=("x", "y"), output_axes=("x", "y"))
+    image = Image2DModel.parse(values, dims=("c", "y", "x"), c_coords=GENES, transformations={"um": rot})
+    sdata = SpatialData(images={"map": image})
+    with pytest.raises(InputError, match="rotated"):
+        st.tl.aggregate(sdata, "map", bin_size=4, reduce="mean")
+    sdata = _sdata(values, scale=1.0)
+    stretch = Affine(np.diag([1.0, 2.0, 1.0]), input_axes=("x", "y"), output_axes=("x", "y"))
+    sdata.shapes["spots"] = ShapesModel.parse(
+        np.array([[5.0, 5.0]]), geometry=0, radius=np.array([2.0]), transformations={"um": stretch}
+    )
+    with pytest.raises(InputError, match="ellipses"):
+        st.tl.aggregate(sdata, "map", shapes_key="spots")
+    # polygons survive any affine map exactly
+    sdata.shapes["sq"] = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=[shapely.box(2, 2, 6, 4)]), transformations={"um": stretch}
+    )
+    t = st.tl.aggregate(sdata, "map", shapes_key="sq", inplace=False)
+    assert t.obs["n_pixels"].iloc[0] == pytest.approx(16.0)  # y doubled: 4 × 4 µm
+    np.testing.assert_allclose(t.X[0], values[:, 4:8, 2:6].mean(axis=(1, 2)), rtol=1e-6)
