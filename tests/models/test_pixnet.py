@@ -155,3 +155,12 @@ def test_warns_about_frozen_random_encoder_but_not_on_load(caplog, tmp_path):
     with caplog.at_level("WARNING", logger="stpredict"):
         st.models.load(tmp_path / "m")
     assert "random weights" not in caplog.text
+
+
+def test_numpy_numbers_are_accepted_and_stored_as_json_types(tmp_path):
+    import json
+
+    model = small(output_stride=np.int64(4), um_per_px=np.float32(0.5), tile_size=np.int32(32), attention="channel")
+    assert (model.output_stride, model.tile_size) == (4, 32)
+    assert type(model.output_stride) is int
+    json.dumps(model.config)  # every constructor argument is plain JSON

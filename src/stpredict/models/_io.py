@@ -129,12 +129,13 @@ def save_model(model: Any, path: str | os.PathLike[str], *, overwrite: bool = Fa
     }
     text = json.dumps(envelope, indent=2, allow_nan=False)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
-    # safetensors refuses tensors that share memory; clone those (tied weights are rare in our models)
+    # safetensors refuses tensors that share storage (tied weights, views); give those their own copy
     seen: set[int] = set()
     for key, value in tensors.items():
-        if value.numel() and value.data_ptr() in seen:
+        ptr = value.untyped_storage().data_ptr()
+        if value.numel() and ptr in seen:
             tensors[key] = value.clone()
-        seen.add(tensors[key].data_ptr())
+        seen.add(ptr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

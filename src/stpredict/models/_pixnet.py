@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -142,7 +143,12 @@ class PixNet:
             msg = "genes is empty; pass the gene names the model predicts, e.g. st.pp.select_genes(...)."
             raise InputError(msg)
         check_gene_names(genes)
-        if not (isinstance(um_per_px, int | float) and math.isfinite(um_per_px) and um_per_px > 0):
+        output_stride, tile_size, context, n_d2s_stages, seed = (
+            _as_int(v) for v in (output_stride, tile_size, context, n_d2s_stages, seed)
+        )
+        if not isinstance(freeze_encoder, bool):
+            freeze_encoder = _as_int(freeze_encoder)
+        if not (isinstance(um_per_px, numbers.Real) and math.isfinite(um_per_px) and um_per_px > 0):
             msg = f"um_per_px must be a positive number of micrometres per pixel, got {um_per_px!r}."
             raise InputError(msg)
         if not (isinstance(output_stride, int) and output_stride >= 1 and output_stride & (output_stride - 1) == 0):
@@ -384,6 +390,13 @@ class PixNet:
         model.fit_params = config.get("fit_params")
         model.module.eval()
         return model
+
+
+def _as_int(value: Any) -> Any:
+    """Integral numbers (numpy included) → int; anything else unchanged, for the checks that follow."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def _adapt_pos_embed(
