@@ -195,7 +195,7 @@ def bench_spatialdata(size: int, bin_px: int, repeat: int) -> dict[str, Any]:
 
 
 _RSS_SCRIPT = r"""
-import json, resource, sys, time
+import json, sys, time
 import dask
 import dask.array as da
 import numpy as np
@@ -210,12 +210,17 @@ def shade(b, block_info=None):
 arr = arr.map_blocks(shade, dtype=np.float32)
 dask.config.set(scheduler="threads")
 sdata = _map_sdata(arr)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):  # kB from /proc (ru_maxrss would include the parent's peak: Linux keeps it across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+base = status("VmRSS")
 t0 = time.perf_counter()
 table = st.tl.aggregate(sdata, "map", bin_size={bin_um}, reduce="sum", inplace=False, tissue_key=False,
                         show_progress_bar=False)
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM")
 print(json.dumps({{"seconds": dt, "peak_rss_GB": peak / 1e6, "rss_before_GB": base / 1e6, "n_bins": table.n_obs,
                   "map_GB": n_c * size * size * 4 / 1e9}}))
 """

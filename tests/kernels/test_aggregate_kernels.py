@@ -106,13 +106,7 @@ def test_labels_sum_finer_labels(ny, nx, factor, n_lab, seed):
     keep = uniq[uniq > 0]
     edges_y = np.arange(lab.shape[0] + 1) / factor
     edges_x = np.arange(lab.shape[1] + 1) / factor
-    sums, geom = labels_sum(
-        img,
-        compact,
-        axis_table(edges_y[:-1], edges_y[1:], ny),
-        axis_table(edges_x[:-1], edges_x[1:], nx),
-        keep.size,
-    )
+    sums, geom = labels_sum(img, compact, edges_y, edges_x, keep.size)
     np.testing.assert_array_equal(keep, ids)
     np.testing.assert_allclose(sums, ref, rtol=1e-9, atol=1e-12)
     counts = np.array([(lab == i).sum() for i in ids]) / factor**2

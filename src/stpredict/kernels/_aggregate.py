@@ -71,13 +71,24 @@ def _row_interval(row, lo, hi, w_lo, w_hi):
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
 def _rect_sum_parallel(img, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, out, by_off, bx_off):
+    # Separable: first the weighted sum of the bin row's pixel rows into a row buffer (streaming, vectorised),
+    # then the column intervals of that buffer.
     n_c = img.shape[0]
     nby = ylo.size
     nbx = xlo.size
+    if nbx == 0:
+        return
+    x0 = xlo[0]
+    x1 = x0
+    for bx in range(nbx):
+        x0 = min(x0, xlo[bx])
+        x1 = max(x1, xhi[bx])
     for t in numba.prange(n_c * nby):
         c = t // nby
         by = t % nby
-        acc = np.zeros(nbx, dtype=np.float64)
+        if yhi[by] <= ylo[by]:
+            continue
+        buf = np.zeros(x1 - x0 + 1, dtype=np.float64)
         for y in range(ylo[by], yhi[by]):
             wy = 1.0
             if y == ylo[by]:
@@ -85,10 +96,10 @@ def _rect_sum_parallel(img, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, out, by_
             elif y == yhi[by] - 1:
                 wy = ywhi[by]
             row = img[c, y]
-            for bx in range(nbx):
-                acc[bx] += wy * _row_interval(row, xlo[bx], xhi[bx], xwlo[bx], xwhi[bx])
+            for x in range(x0, x1):
+                buf[x - x0] += wy * row[x]
         for bx in range(nbx):
-            out[c, by + by_off, bx + bx_off] += acc[bx]
+            out[c, by + by_off, bx + bx_off] += _row_interval(buf, xlo[bx] - x0, xhi[bx] - x0, xwlo[bx], xwhi[bx])
 
 
 def _parallel_ok() -> bool:
@@ -128,7 +139,7 @@ def rect_sum(
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
-def _labels_sum(img, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, n_chunks, buf, wbuf):
+def _labels_sum(img, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, geo, n_chunks, buf, wbuf):
     # buf: (n_chunks, c, n_labels); wbuf: (n_chunks, 3, n_labels) = weight, weight·x, weight·y (c == 0 only)
     n_c = img.shape[0]
     nly = ylo.size
@@ -138,6 +149,14 @@ def _labels_sum(img, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, n_chunks, 
         c = t // n_chunks
         k = t % n_chunks
         for ly in range(k * rows_per_chunk, min(nly, (k + 1) * rows_per_chunk)):
+            if c == 0:  # exact overlap rectangle of each label pixel: area and midpoint
+                for lx in range(nlx):
+                    idx = lab[ly, lx]
+                    if idx >= 0:
+                        w = geo[0, ly] * geo[1, lx]
+                        wbuf[k, 0, idx] += w
+                        wbuf[k, 1, idx] += w * geo[3, lx]
+                        wbuf[k, 2, idx] += w * geo[2, ly]
             for y in range(ylo[ly], yhi[ly]):
                 wy = 1.0
                 if y == ylo[ly]:
@@ -150,22 +169,13 @@ def _labels_sum(img, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, n_chunks, 
                     if idx < 0:
                         continue
                     buf[k, c, idx] += wy * _row_interval(row, xlo[lx], xhi[lx], xwlo[lx], xwhi[lx])
-                    if c == 0:
-                        x0 = xlo[lx]
-                        x1 = xhi[lx]
-                        if x1 > x0:
-                            wx = xwlo[lx] if x1 - x0 == 1 else xwlo[lx] + xwhi[lx] + (x1 - x0 - 2)
-                            w = wy * wx
-                            wbuf[k, 0, idx] += w
-                            wbuf[k, 1, idx] += w * 0.5 * (x0 + x1)
-                            wbuf[k, 2, idx] += w * (y + 0.5)
 
 
 def labels_sum(
     img: np.ndarray,
     lab: np.ndarray,
-    y_table: tuple[np.ndarray, ...],
-    x_table: tuple[np.ndarray, ...],
+    y_edges: np.ndarray,
+    x_edges: np.ndarray,
     n_labels: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-label area-weighted sums of ``img`` over label pixels mapped (axis-aligned) onto its pixel grid.
@@ -176,25 +186,34 @@ def labels_sum(
         ``(c, ny, nx)`` float32/float64 raster.
     lab
         ``(nly, nlx)`` int64 compact label index per label pixel, ``-1`` for background.
-    y_table, x_table
-        :func:`axis_table` of the label pixels' row/column intervals in ``img``'s pixel space.
+    y_edges, x_edges
+        ``nly + 1`` and ``nlx + 1`` increasing edges of the label pixels in ``img``'s pixel space.
     n_labels
         Number of compact labels (``lab.max() + 1``).
 
     Returns
     -------
-    ``sums`` of shape ``(c, n_labels)`` and ``geom`` of shape ``(3, n_labels)``: overlap area in ``img`` pixels,
-    and the area-weighted x and y of the overlapped pixels' centres (divide by the area for a centroid).
+    ``sums`` of shape ``(c, n_labels)`` and ``geom`` of shape ``(3, n_labels)``: overlap area in ``img`` pixels
+    and the area-weighted x and y of the overlap (divide by the area for the exact centroid).
     """
-    n_c = img.shape[0]
+    n_c, ny, nx = img.shape
     parallel = _parallel_ok()
     n_threads = numba.get_num_threads() if parallel else 1
     n_chunks = 1 if n_c >= n_threads else max(1, min(n_threads, lab.shape[0]))
     buf = np.zeros((n_chunks, n_c, n_labels), dtype=np.float64)
     wbuf = np.zeros((n_chunks, 3, n_labels), dtype=np.float64)
     lab = np.ascontiguousarray(lab, dtype=np.int64)
+    y_edges = np.asarray(y_edges, dtype=np.float64)
+    x_edges = np.asarray(x_edges, dtype=np.float64)
+    geo = np.zeros((4, max(lab.shape[0], lab.shape[1])))
+    for i, (e, n) in enumerate(((y_edges, ny), (x_edges, nx))):
+        a, b = np.clip(e[:-1], 0, n), np.clip(e[1:], 0, n)
+        geo[i, : a.size] = b - a
+        geo[2 + i, : a.size] = (a + b) / 2
+    y_table = axis_table(y_edges[:-1], y_edges[1:], ny)
+    x_table = axis_table(x_edges[:-1], x_edges[1:], nx)
     kernel = _labels_sum if parallel else _labels_sum_serial
-    kernel(np.ascontiguousarray(img), lab, *y_table, *x_table, n_chunks, buf, wbuf)
+    kernel(np.ascontiguousarray(img), lab, *y_table, *x_table, geo, n_chunks, buf, wbuf)
     return buf.sum(axis=0), wbuf.sum(axis=0)
 
 

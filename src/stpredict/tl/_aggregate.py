@@ -289,6 +289,8 @@ def _grid_bands(
     nby, nbx = ye.size - 1, xe.size - 1
     itemsize = 8 if data.dtype == np.float64 else 4
     dask = _is_dask(data)
+    if dask and data.npartitions == 1:  # one chunk: it is read whole on any access anyway
+        data, dask = data.compute(), False
     if not dask:
         out = np.zeros((n_c, nby, nbx))
         rect_sum(_float_block(data), axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx), out)
@@ -696,19 +698,9 @@ def _labels(
             continue
         ey = sy * np.arange(ly0, ly1 + 1, dtype=np.float64) + ty - y0
         ex = sx * np.arange(lx0, lx1 + 1, dtype=np.float64) + tx - x0
-        sums, geom = labels_sum(
-            block, compact, axis_table(ey[:-1], ey[1:], y1 - y0), axis_table(ex[:-1], ex[1:], x1 - x0), uniq.size
-        )
-        # exact centroid moments: each label pixel's overlap with the tile is a rectangle; use its midpoint
-        cy0, cy1 = np.clip(ey[:-1], 0, y1 - y0), np.clip(ey[1:], 0, y1 - y0)
-        cx0, cx1 = np.clip(ex[:-1], 0, x1 - x0), np.clip(ex[1:], 0, x1 - x0)
-        area = np.outer(cy1 - cy0, cx1 - cx0)
-        flat, a = compact.ravel(), area.ravel()
-        inside = flat >= 0
-        mid_x = np.broadcast_to((cx0 + cx1) / 2 + x0, area.shape).ravel()
-        mid_y = np.broadcast_to(((cy0 + cy1) / 2 + y0)[:, None], area.shape).ravel()
-        geom[1] = np.bincount(flat[inside], weights=(a * mid_x)[inside], minlength=uniq.size)
-        geom[2] = np.bincount(flat[inside], weights=(a * mid_y)[inside], minlength=uniq.size)
+        sums, geom = labels_sum(block, compact, ey, ex, uniq.size)
+        geom[1] += x0 * geom[0]
+        geom[2] += y0 * geom[0]
         parts_ids.append(uniq)
         parts_sums.append(sums.T)
         parts_geom.append(geom.T)
