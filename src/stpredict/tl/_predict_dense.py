@@ -747,6 +747,8 @@ def _run_local(plan: _Plan, array: Any, predictor: _Predictor, units: list[tuple
                 if i + 1 < len(units):
                     nxt = reader.submit(_prepare_unit, plan, array, units[i + 1], use_carry(i + 1))
                 shape = _acc_shape(plan, unit)
+                if shape not in free:  # a new shape (edge units): let buffers of other shapes go
+                    free.clear()
                 buffers = (
                     free[shape].pop()
                     if free.get(shape)
