@@ -315,3 +315,16 @@ class _Raising(ColourModel):
     def predict_tiles(self, tiles, *, device="auto"):
         msg = "plain failure"
         raise RuntimeError(msg)
+
+
+def test_runs_a_real_pixnet(rgb):
+    pytest.importorskip("torch")
+    model = st.models.PixNet(["A", "B"], tile_size=64, output_stride=2, um_per_px=2.0, seed=0)
+    sdata = _sdata(rgb, um=1.0)
+    st.tl.predict_dense(sdata, model, tissue_only=False, device="cpu", show_progress_bar=False)
+    pred = _map(sdata, "he_pixnet")
+    assert pred.shape == (2, 38, 50)  # 150 × 200 px at 1 µm/px → 2 µm/px model pixels → stride 2
+    assert np.isfinite(pred).all()
+    assert np.abs(pred).sum() > 0
+    assert um_per_px(sdata, "he_pixnet") == pytest.approx(4.0)
+    assert get_element_meta(sdata, "he_pixnet")["value_kind"] == model.value_kind
