@@ -95,9 +95,9 @@ def _rect_sum_parallel(img, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, out, by_
                 wy = ywlo[by]
             elif y == yhi[by] - 1:
                 wy = ywhi[by]
-            row = img[c, y]
-            for x in range(x0, x1):
-                buf[x - x0] += wy * row[x]
+            row = img[c, y, x0:x1]
+            for i in range(row.size):  # indices from 0: no wraparound checks, so LLVM vectorises
+                buf[i] += wy * row[i]
         for bx in range(nbx):
             out[c, by + by_off, bx + bx_off] += _row_interval(buf, xlo[bx] - x0, xhi[bx] - x0, xwlo[bx], xwhi[bx])
 
@@ -358,7 +358,18 @@ def _shapes_sum(img, oy, ox, kind, cx, cy, rad, bbox, ring_ptr, ring_sign, vx, v
                 for j in range(w):
                     px = gx0 + j
                     py = gy0 + i
-                    weights[i, j] = circle_pixel_area(cx[s], cy[s], rad[s], px, py, px + 1.0, py + 1.0)
+                    # whole pixels inside or outside need no integral
+                    fx = max(abs(px - cx[s]), abs(px + 1.0 - cx[s]))
+                    fy = max(abs(py - cy[s]), abs(py + 1.0 - cy[s]))
+                    nx_ = max(0.0, max(px - cx[s], cx[s] - px - 1.0))
+                    ny_ = max(0.0, max(py - cy[s], cy[s] - py - 1.0))
+                    r2 = rad[s] * rad[s]
+                    if fx * fx + fy * fy <= r2:
+                        weights[i, j] = 1.0
+                    elif nx_ * nx_ + ny_ * ny_ >= r2:
+                        weights[i, j] = 0.0
+                    else:
+                        weights[i, j] = circle_pixel_area(cx[s], cy[s], rad[s], px, py, px + 1.0, py + 1.0)
         else:
             m = 8
             for ring in range(shape_ptr[s], shape_ptr[s + 1]):

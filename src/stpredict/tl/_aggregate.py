@@ -407,6 +407,8 @@ def _check_map(sdata: SpatialData, image_key: str, genes: Any, reduce: str | Non
         to_um = to_um_affine(sdata, image_key)
         px_area = float(abs(np.linalg.det(to_um[:2, :2])))
     data = level.data
+    if _is_dask(data) and data.npartitions == 1:  # one chunk is read whole on any access anyway
+        data = data.compute()
     if genes is not None:
         data = data[index]
     return _Map(image_key, data, [names[i] for i in index], index, px_area, to_um, kind, reduce)
