@@ -63,43 +63,84 @@ def _row_interval(row, lo, hi, w_lo, w_hi):
         return 0.0
     if hi - lo == 1:
         return w_lo * row[lo]
+    inner = row[lo + 1 : hi - 1]
     s = 0.0
-    for i in range(lo + 1, hi - 1):
-        s += row[i]
+    for i in range(inner.size):  # indices from 0: no wraparound checks, so LLVM vectorises
+        s += inner[i]
     return s + w_lo * row[lo] + w_hi * row[hi - 1]
 
 
+@numba.njit(inline="always")
+def _row_weight(y, lo, hi, w_lo, w_hi):
+    if y == lo:
+        return w_lo
+    if y == hi - 1:
+        return w_hi
+    return 1.0
+
+
+#: Columns per strip of the row buffer (64 KiB of float64), bounding the per-task buffer for very wide maps.
+_STRIP = 8192
+
+
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
-def _rect_sum_parallel(img, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, out, by_off, bx_off):
-    # Separable: first the weighted sum of the bin row's pixel rows into a row buffer (streaming, vectorised),
-    # then the column intervals of that buffer.
+def _rect_sum_parallel(img, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, groups, out, by_off, bx_off):
+    # Separable: for each strip of whole bins (groups[g] … groups[g+1]-1), first the weighted sum of the bin row's
+    # pixel rows into a small row buffer (streaming, vectorised), then the column intervals of that buffer.
     n_c = img.shape[0]
     nby = ylo.size
-    nbx = xlo.size
-    if nbx == 0:
-        return
-    x0 = xlo[0]
-    x1 = x0
-    for bx in range(nbx):
-        x0 = min(x0, xlo[bx])
-        x1 = max(x1, xhi[bx])
+    n_groups = groups.size - 1
     for t in numba.prange(n_c * nby):
         c = t // nby
         by = t % nby
         if yhi[by] <= ylo[by]:
             continue
-        buf = np.zeros(x1 - x0 + 1, dtype=np.float64)
-        for y in range(ylo[by], yhi[by]):
-            wy = 1.0
-            if y == ylo[by]:
-                wy = ywlo[by]
-            elif y == yhi[by] - 1:
-                wy = ywhi[by]
-            row = img[c, y, x0:x1]
-            for i in range(row.size):  # indices from 0: no wraparound checks, so LLVM vectorises
-                buf[i] += wy * row[i]
-        for bx in range(nbx):
-            out[c, by + by_off, bx + bx_off] += _row_interval(buf, xlo[bx] - x0, xhi[bx] - x0, xwlo[bx], xwhi[bx])
+        for g in range(n_groups):
+            b0 = groups[g]
+            b1 = groups[g + 1]
+            x0 = xlo[b0]
+            x1 = x0
+            for bx in range(b0, b1):
+                x0 = min(x0, xlo[bx])
+                x1 = max(x1, xhi[bx])
+            if x1 <= x0:
+                continue
+            buf = np.zeros(x1 - x0, dtype=np.float64)
+            lo, hi, wl, wh = ylo[by], yhi[by], ywlo[by], ywhi[by]
+            y = lo
+            while y + 4 <= hi:  # four rows per pass over the buffer: a quarter of its loads and stores
+                w0 = _row_weight(y, lo, hi, wl, wh)
+                w1 = _row_weight(y + 1, lo, hi, wl, wh)
+                w2 = _row_weight(y + 2, lo, hi, wl, wh)
+                w3 = _row_weight(y + 3, lo, hi, wl, wh)
+                r0 = img[c, y, x0:x1]
+                r1 = img[c, y + 1, x0:x1]
+                r2 = img[c, y + 2, x0:x1]
+                r3 = img[c, y + 3, x0:x1]
+                for i in range(r0.size):  # indices from 0: no wraparound checks, so LLVM vectorises
+                    buf[i] += (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
+                y += 4
+            while y < hi:
+                w0 = _row_weight(y, lo, hi, wl, wh)
+                r0 = img[c, y, x0:x1]
+                for i in range(r0.size):
+                    buf[i] += w0 * r0[i]
+                y += 1
+            for bx in range(b0, b1):
+                out[c, by + by_off, bx + bx_off] += _row_interval(buf, xlo[bx] - x0, xhi[bx] - x0, xwlo[bx], xwhi[bx])
+
+
+def _strip_groups(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Boundaries of runs of consecutive bins spanning at most ``_STRIP`` pixels (at least one bin each)."""
+    n = lo.size
+    starts = [0]
+    first = lo[0] if n else 0
+    for k in range(1, n):
+        if hi[k] - first > _STRIP:
+            starts.append(k)
+            first = lo[k]
+    starts.append(n)
+    return np.asarray(starts, dtype=np.int64)
 
 
 def _parallel_ok() -> bool:
@@ -134,8 +175,11 @@ def rect_sum(
     offset
         Position of this grid inside ``out`` (block-wise accumulation).
     """
+    if x_table[0].size == 0 or y_table[0].size == 0:
+        return
+    groups = _strip_groups(x_table[0], x_table[1])
     kernel = _rect_sum_parallel if _parallel_ok() else _rect_sum_serial
-    kernel(np.ascontiguousarray(img), *y_table, *x_table, out, int(offset[0]), int(offset[1]))
+    kernel(np.ascontiguousarray(img), *y_table, *x_table, groups, out, int(offset[0]), int(offset[1]))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
