@@ -33,9 +33,13 @@ class Settings:
     n_jobs: int | None = None
     um_coordinate_system: str = field(default="um")
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_initialised", True)
+
     def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, value)
-        if name == "verbosity":
+        # Only an explicit change sets the level: creating the settings must not override the user's logging.
+        if name == "verbosity" and getattr(self, "_initialised", False):
             logging.getLogger("stpredict").setLevel(str(value).upper())
 
 

@@ -9,9 +9,11 @@ from stpredict._lazy import lazy_getattr
 _LAZY = {
     "bin": "._bin",
     "calibrate": "._calibrate",
+    "inverse_normalize": "._normalize",
     "normalize": "._normalize",
     "select_genes": "._genes",
     "split": "._split",
+    "subset_genes": "._genes",
     "tissue_mask": "._tissue",
 }
 __all__ = sorted(_LAZY)

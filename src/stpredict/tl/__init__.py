@@ -7,9 +7,11 @@ from typing import Any
 from stpredict._lazy import lazy_getattr
 
 _LAZY = {
+    "EvaluationResult": "._evaluate",
     "aggregate": "._aggregate",
     "evaluate": "._evaluate",
     "evaluate_across_scales": "._evaluate",
+    "highly_predictive_genes": "._evaluate",
     "predict_dense": "._predict_dense",
 }
 __all__ = sorted(_LAZY)
