@@ -857,17 +857,30 @@ def _assemble(
 
     ident = {"global": Identity()}
     tchunk = chunk_px // sec.stride
-    image_d, truth_d = image, truth
+    factors = _scale_factors(sec.ny, sec.nx)
     if isinstance(image, np.ndarray):
-        image_d, truth_d = _as_dask(image, chunk_px), _as_dask(truth, tchunk)
-    he = Image2DModel.parse(
-        image_d,
-        dims=("c", "y", "x"),
-        c_coords=["r", "g", "b"],
-        scale_factors=_scale_factors(sec.ny, sec.nx) or None,
-        transformations=ident,
-        chunks=(3, chunk_px, chunk_px),
-    )
+        # In memory: build the pyramid once with numpy, so that reading a tile from a coarse level does not
+        # recompute the downscaling of a whole chunk (as a lazily coarsened level would, on every read).
+        from stpredict.io._image import build_image
+
+        truth_d = _as_dask(truth, tchunk)
+        he = build_image(
+            np.ascontiguousarray(image.transpose(1, 2, 0)),
+            transformations=ident,
+            scale_factors=factors,
+            chunks=chunk_px,
+            name="synthetic-he",
+        )
+    else:
+        truth_d = truth
+        he = Image2DModel.parse(
+            image,
+            dims=("c", "y", "x"),
+            c_coords=["r", "g", "b"],
+            scale_factors=factors or None,
+            transformations=ident,
+            chunks=(3, chunk_px, chunk_px),
+        )
     truth_el = Image2DModel.parse(
         truth_d,
         dims=("c", "y", "x"),
