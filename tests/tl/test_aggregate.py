@@ -9,7 +9,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import shapely
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st_
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel
@@ -81,6 +81,8 @@ def _brute_bins(values, scale, tx, ty, size, ox, oy, rows, cols):
     dask_chunks=st_.sampled_from([None, (3, 7, 9)]),
     seed=st_.integers(0, 999),
 )
+# a bin edge at a chunk boundary up to float noise (14.000000000000002): once gave a duplicated empty bin row
+@example(size=0.5, scale=0.3, tx=0.0, ty=0.3, ox=0.0, oy=0.0, dask_chunks=(3, 7, 9), seed=0)
 def test_bins_match_brute_force(size, scale, tx, ty, ox, oy, dask_chunks, seed):
     rng = np.random.default_rng(seed)
     values = rng.random((3, 23, 31)).astype(np.float32)
@@ -89,6 +91,7 @@ def test_bins_match_brute_force(size, scale, tx, ty, ox, oy, dask_chunks, seed):
         sdata, "map", bin_size=size, origin_um=(ox, oy), inplace=False, allow_subpixel=True, block_bytes=3 * 7 * 9 * 4
     )
     rows, cols = table.obs["array_row"].to_numpy(), table.obs["array_col"].to_numpy()
+    assert table.obs_names.is_unique
     s = table.uns["stpredict"]["bin_size_um"]
     gx0, gy0 = table.uns["stpredict"]["origin_um"]
     assert s == size

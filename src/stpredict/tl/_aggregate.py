@@ -303,8 +303,9 @@ def _grid_bands(
     pending: tuple[int, np.ndarray] | None = None
     bands = list(zip(bounds[:-1], bounds[1:], strict=True))
     for y0, y1 in _progress(bands, len(bands), desc, show):
-        r0 = max(0, int(np.searchsorted(ye, y0, side="right")) - 1)
-        r1 = min(nby, int(np.searchsorted(ye, y1, side="left")))
+        # rows that overlap [y0, y1) by more than float noise (the same tolerance as the carry test below)
+        r0 = max(0, int(np.searchsorted(ye, y0 + 1e-9, side="right")) - 1)
+        r1 = min(nby, int(np.searchsorted(ye, y1 - 1e-9, side="left")))
         if r1 <= r0:
             continue
         if pending is not None and pending[0] != r0:
