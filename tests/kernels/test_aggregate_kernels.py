@@ -139,7 +139,8 @@ def test_circle_areas_partition(cx, cy, r):
 
 
 def _random_star(rng, n, cx, cy, r):
-    ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+    # one jittered angle per slot: consecutive angles < π apart, so the ring is simple (star-shaped about the centre)
+    ang = (np.arange(n) + rng.uniform(0, 0.4, n)) * (2 * np.pi / n)
     rad = r * rng.uniform(0.3, 1.0, n)
     return cx + rad * np.cos(ang), cy + rad * np.sin(ang)
 
