@@ -142,7 +142,8 @@ def test_expected_equals_brute_force_integration(visium):
 def test_density_zero_outside_tissue():
     sd = st.datasets.synthetic(shape_um=(1000.0, 1000.0), um_per_px=2.0, n_genes=10, layout=None, seed=7)
     truth = sd.images["truth"].values
-    sec = S._make_section(seed=7, um_per_px=2.0, truth_um_per_px=2.0, stride=1, ny=500, nx=500, n_genes=10,
+    sec = S._make_section(seed=7, tissue_seed=7, um_per_px=2.0, truth_um_per_px=2.0, stride=1, ny=500, nx=500,
+                          n_genes=10,
                           n_cell_types=5, mean_counts_per_um2=0.1)  # fmt: skip
     tissue = S._render_tissue_window(sec, 0, 0, 500, 500, 2.0) > 0
     assert 0.3 < tissue.mean() < 0.95
@@ -164,7 +165,8 @@ def test_spots_mix_cell_types(big_visium):
 
 def test_cell_types_differ_in_morphology():
     """A nearest-centroid classifier on 4 features of each cell's own nucleus and surroundings finds its type."""
-    sec = S._make_section(seed=11, um_per_px=0.5, truth_um_per_px=2.0, stride=4, ny=1200, nx=1200, n_genes=5,
+    sec = S._make_section(seed=11, tissue_seed=11, um_per_px=0.5, truth_um_per_px=2.0, stride=4, ny=1200, nx=1200,
+                          n_genes=5,
                           n_cell_types=5, mean_counts_per_um2=0.1)  # fmt: skip
     img = S._render_image(sec, 0, 0, 1200, 1200).astype(float)
     c = S._cells_near(sec, 0, 600, 0, 600)
@@ -250,7 +252,8 @@ def test_lazy_equals_eager():
 
 def test_crop_is_consistent():
     """Pixels depend on global coordinates only: a window rendered alone equals the same window of the whole."""
-    sec = S._make_section(seed=9, um_per_px=1.0, truth_um_per_px=2.0, stride=2, ny=400, nx=400, n_genes=4,
+    sec = S._make_section(seed=9, tissue_seed=9, um_per_px=1.0, truth_um_per_px=2.0, stride=2, ny=400, nx=400,
+                          n_genes=4,
                           n_cell_types=5, mean_counts_per_um2=0.1)  # fmt: skip
     whole = S._render_image(sec, 0, 0, 400, 400)
     np.testing.assert_array_equal(S._render_image(sec, 123, 77, 91, 150), whole[:, 123:214, 77:227])
@@ -324,7 +327,7 @@ def test_no_layout_and_nb_counts():
 
 
 def test_more_cell_types_and_no_morph_genes():
-    sd = st.datasets.synthetic(shape_um=(300.0, 300.0), um_per_px=1.0, n_genes=3, n_cell_types=7, layout="st")
+    sd = st.datasets.synthetic(shape_um=(600.0, 600.0), um_per_px=1.0, n_genes=3, n_cell_types=7, layout="st")
     t = sd.tables["table"]
     assert t.obsm["cell_type_fractions"].shape[1] == 7
     assert len(t.uns["stpredict"]["synthetic"]["cell_types"]) == 7
@@ -373,3 +376,14 @@ def test_zarr_round_trip(tmp_path):
     np.testing.assert_array_equal(back.images["truth"].values, sd.images["truth"].values)
     np.testing.assert_array_equal(back.tables["table"].X.toarray(), sd.tables["table"].X.toarray())
     assert back.tables["table"].uns["stpredict"]["synthetic"]["layout"] == "visium_hd"
+
+
+def test_sections_of_one_tissue_share_the_gene_programme():
+    a = st.datasets.synthetic(shape_um=(300.0, 300.0), n_genes=10, seed=0)
+    b = st.datasets.synthetic(shape_um=(300.0, 300.0), n_genes=10, seed=1)
+    c = st.datasets.synthetic(shape_um=(300.0, 300.0), n_genes=10, seed=1, tissue_seed=7)
+    ta, tb, tc = (s.tables["table"] for s in (a, b, c))
+    np.testing.assert_array_equal(ta.varm["cell_type_profiles"], tb.varm["cell_type_profiles"])
+    np.testing.assert_array_equal(ta.var["morphology_driven"], tb.var["morphology_driven"])
+    assert not np.array_equal(ta.varm["cell_type_profiles"], tc.varm["cell_type_profiles"])
+    assert not np.array_equal(a.images["he"]["scale0"]["image"].values, b.images["he"]["scale0"]["image"].values)

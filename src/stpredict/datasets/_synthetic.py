@@ -117,6 +117,7 @@ _F_OUTLINE, _F_HOLES, _F_STAIN, _F_ORIENT, _F_BASIS = 0, 1, 2, 3, 4
 def _make_section(
     *,
     seed: int,
+    tissue_seed: int,
     um_per_px: float,
     truth_um_per_px: float,
     stride: int,
@@ -126,8 +127,9 @@ def _make_section(
     n_cell_types: int,
     mean_counts_per_um2: float,
 ) -> _Section:
-    rng = np.random.default_rng([seed, 0])
-    names, params = _cell_types(n_cell_types, rng)
+    rng = np.random.default_rng([seed, 0])  # this section: domains, fields
+    biology = np.random.default_rng([tissue_seed, 3])  # shared by sections of one tissue: types and gene programme
+    names, params = _cell_types(n_cell_types, biology)
     # Random fields: wavelength ranges (µm) per field.
     wavelengths = [(500.0, 1500.0), (90.0, 260.0), (300.0, 900.0), (150.0, 400.0)]
     wavelengths += [(300.0, 1500.0)] * _N_BASIS + [(120.0, 400.0)] * n_cell_types
@@ -141,12 +143,12 @@ def _make_section(
     # Genes: a fifth (at least one when there are five or more) follow only the gradients.
     n_free = n_genes // 5
     morph = np.ones(n_genes, dtype=bool)
-    morph[rng.permutation(n_genes)[:n_free]] = False
+    morph[biology.permutation(n_genes)[:n_free]] = False
     n_morph = int(morph.sum())
-    base = rng.normal(0.0, 1.0, n_genes)
-    log_fc = rng.normal(0.0, 0.5, (n_cell_types, n_genes))
-    marker_of = rng.permutation(np.arange(n_genes) % n_cell_types)
-    log_fc[marker_of, np.arange(n_genes)] += rng.uniform(2.0, 3.0, n_genes)
+    base = biology.normal(0.0, 1.0, n_genes)
+    log_fc = biology.normal(0.0, 0.5, (n_cell_types, n_genes))
+    marker_of = biology.permutation(np.arange(n_genes) % n_cell_types)
+    log_fc[marker_of, np.arange(n_genes)] += biology.uniform(2.0, 3.0, n_genes)
     profiles = np.exp(base + log_fc)
     profiles[:, ~morph] = 0.0
     share_morph = n_morph / n_genes
@@ -157,8 +159,8 @@ def _make_section(
     if n_free:
         weights = np.exp(base[~morph])
         baseline[~morph] = mean_counts_per_um2 * (1 - share_morph) * weights / weights.sum()
-    beta = np.where(morph, rng.uniform(0.1, 0.35, n_genes), rng.uniform(0.6, 1.0, n_genes))
-    loadings = rng.normal(size=(n_genes, _N_BASIS))
+    beta = np.where(morph, biology.uniform(0.1, 0.35, n_genes), biology.uniform(0.6, 1.0, n_genes))
+    loadings = biology.normal(size=(n_genes, _N_BASIS))
     loadings /= np.linalg.norm(loadings, axis=1, keepdims=True)
     return _Section(
         seed=seed,
@@ -618,6 +620,7 @@ def synthetic(
     truth_um_per_px: float = 2.0,
     min_tissue_fraction: float = 0.5,
     seed: int = 0,
+    tissue_seed: int = 0,
     lazy: bool | None = None,
     chunk_px: int = 2048,
     section: str = "synthetic",
@@ -655,7 +658,11 @@ def synthetic(
     min_tissue_fraction
         Units with less of their area on tissue are dropped.
     seed
-        Everything derives from it; the same seed gives identical arrays.
+        The section: tissue outline, domains, cells and counts derive from it; the same seeds give identical arrays.
+    tissue_seed
+        The tissue's biology: cell-type appearance and the gene programme (cell-type profiles, which genes follow
+        morphology, gradients). Sections of one study share it, so a model trained on one section applies to
+        another; change it for an unrelated tissue.
     lazy
         Build the image and truth as dask arrays, chunk by chunk; ``None``: above 64 megapixels.
     chunk_px
@@ -693,8 +700,8 @@ def synthetic(
         msg = "layout='cells' needs the whole label image in memory; use lazy=False or another layout."
         raise InputError(msg)
     chunk_px = max(chunk_px // stride, 1) * stride
-    sec = _make_section(seed=seed, um_per_px=um_per_px, truth_um_per_px=truth_um_per_px, stride=stride, ny=ny,
-                        nx=nx, n_genes=n_genes, n_cell_types=n_cell_types,
+    sec = _make_section(seed=seed, tissue_seed=tissue_seed, um_per_px=um_per_px, truth_um_per_px=truth_um_per_px,
+                        stride=stride, ny=ny, nx=nx, n_genes=n_genes, n_cell_types=n_cell_types,
                         mean_counts_per_um2=mean_counts_per_um2)  # fmt: skip
     genes = [f"Gene{g:03d}" for g in range(n_genes)]
     if lazy:
@@ -721,6 +728,7 @@ def synthetic(
         "truth_um_per_px": float(truth_um_per_px),
         "min_tissue_fraction": float(min_tissue_fraction),
         "seed": int(seed),
+        "tissue_seed": int(tissue_seed),
         "lazy": bool(lazy),
         "chunk_px": int(chunk_px),
         "section": section,
