@@ -14,6 +14,7 @@ from ._utils import display_level, extent, finish, new_figure, use_um
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
@@ -35,6 +36,7 @@ def dense_maps(
     panel_size: float = 3.0,
     dpi: float | None = None,
     max_pixels: int = 1024,
+    axes: Sequence[Axes] | None = None,
     show: bool = False,
 ) -> Figure:
     """The H&E image and the dense maps of a few genes, side by side on one coordinate frame.
@@ -72,6 +74,8 @@ def dense_maps(
         Figure resolution.
     max_pixels
         Longest side of the pyramid level drawn.
+    axes
+        Draw into these axes (one per panel, e.g. a row of a larger grid) instead of a new figure.
     show
         Show the figure through pyplot.
 
@@ -115,11 +119,20 @@ def dense_maps(
     n_panels = len(genes) + (image_key is not None and not overlay)
     ncols = n_panels if ncols is None else max(1, min(ncols, n_panels))
     nrows = int(np.ceil(n_panels / ncols))
-    fig = new_figure(show, figsize=(panel_size * ncols, panel_size * nrows), dpi=dpi)
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel()
-    for ax in axes[n_panels:]:
-        ax.remove()
-    axes = list(axes[:n_panels])
+    if axes is not None:
+        axes = list(axes)
+        if len(axes) != n_panels:
+            msg = f"Pass {n_panels} axes (the image panel, then one per gene), got {len(axes)}."
+            raise InputError(msg)
+        fig = axes[0].figure
+        drawn = list(axes)
+    else:
+        fig = new_figure(show, figsize=(panel_size * ncols, panel_size * nrows), dpi=dpi)
+        grid = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel()
+        for ax in grid[n_panels:]:
+            ax.remove()
+        axes = list(grid[:n_panels])
+        drawn = list(axes)
     unit = "µm" if um else "px"
     if image_key is not None and not overlay:
         ax = axes.pop(0)
@@ -149,13 +162,11 @@ def dense_maps(
         ax.set_title(gene)
         fig.colorbar(im, ax=ax, shrink=0.8)
     limits = he_extent if image_key is not None else map_extent
-    for ax in fig.axes:
-        if ax.get_label() == "<colorbar>":
-            continue
+    for ax in drawn:
         ax.set_xlim(limits[0], limits[1])
         ax.set_ylim(limits[2], limits[3])
         ax.set_aspect("equal")
         ax.set_xlabel(f"x ({unit})")
-    fig.axes[0].set_ylabel(f"y ({unit})")
+    drawn[0].set_ylabel(f"y ({unit})")
     finish(show)
     return fig
