@@ -61,6 +61,19 @@ def test_dense_maps_side_by_side_in_um():
     fig.canvas.draw()  # renders with Agg
 
 
+def test_dense_maps_into_given_axes_of_a_larger_grid():
+    sdata, values = _sdata()
+    fig = Figure()
+    grid = fig.subplots(2, 3)
+    returned = st.pl.dense_maps(sdata, "he_pixnet", ["A", "B"], axes=grid[1])
+    assert returned is fig
+    assert [ax.get_title() for ax in grid[1]] == ["he", "A", "B"]
+    assert [ax.get_title() for ax in grid[0]] == ["", "", ""]  # the other row is left alone
+    np.testing.assert_allclose(_image_artists(grid[1][2])[0].get_array(), values[1])
+    with pytest.raises(InputError, match="Pass 3 axes"):
+        st.pl.dense_maps(sdata, "he_pixnet", ["A", "B"], axes=grid[0][:2])
+
+
 def test_dense_maps_pixels_overlay_offset_and_pyramid():
     sdata, _ = _sdata(calibrate=False, multiscale=True, offset=2.0)
     fig = st.pl.dense_maps(sdata, "he_pixnet", "C", overlay=True, dpi=DPI, max_pixels=48)
