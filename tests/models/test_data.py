@@ -16,6 +16,7 @@ from stpredict.models._data import (
     hed_jitter,
     log1p_cpm,
     read_window,
+    sparse_weights,
     split_by_position,
 )
 from stpredict.models._footprints import DISK, RECT
@@ -162,7 +163,7 @@ def test_tile_dataset_supervises_complete_units_and_is_seeded() -> None:
     next_epoch = ds[2 + len(ds)]
     assert not np.array_equal(next_epoch["image"], item["image"])
     batch = collate_tiles([ds[i] for i in range(3)])
-    w, y = batch["tables"][0]
+    w, y = sparse_weights(batch["tables"][0]), batch["tables"][0]["targets"]
     assert batch["image"].shape == (3, 3, 64, 64)
     assert tuple(w.shape) == (len(y), 3 * 16 * 16)
 

@@ -46,6 +46,7 @@ __all__ = [
     "hed_jitter",
     "log1p_cpm",
     "read_window",
+    "sparse_weights",
 ]
 
 _BACKGROUND = 255  # padding value outside the slide: white glass
@@ -580,7 +581,12 @@ class EpochSampler:
 
 
 def collate_tiles(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tiles; per table, a block-diagonal sparse weight matrix over the whole batch and the targets."""
+    """Stack tiles; per table, the block-diagonal weights over the whole batch (COO parts) and the targets.
+
+    Each table's entry is ``None`` when no tile of the batch holds a complete unit of it, else a dict with
+    ``indices (2, nnz)``, ``values (nnz,)``, ``shape (2,)`` and ``targets (units, genes)``; :func:`sparse_weights`
+    turns the first three into the sparse matrix.
+    """
     import torch
 
     images = torch.from_numpy(np.stack([it["image"] for it in items]))
@@ -593,15 +599,23 @@ def collate_tiles(items: list[dict[str, Any]]) -> dict[str, Any]:
         if stacked is None or stacked.shape[0] == 0:
             tables.append(None)
             continue
+        # Plain tensors (not a torch sparse tensor) cross worker processes and devices safely; see sparse_weights.
         indices = torch.from_numpy(np.vstack([stacked.row, stacked.col]).astype(np.int64))
-        weights = torch.sparse_coo_tensor(
-            indices,
-            torch.from_numpy(stacked.data.astype(np.float32)),
-            (stacked.shape[0], len(items) * n_pix),
-            check_invariants=False,
-        ).coalesce()
-        tables.append((weights, torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))))
+        values = torch.from_numpy(stacked.data.astype(np.float32))
+        shape = torch.tensor([stacked.shape[0], len(items) * n_pix], dtype=torch.long)
+        targets_t = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+        tables.append({"indices": indices, "values": values, "shape": shape, "targets": targets_t})
     return {"image": images, "tables": tables}
+
+
+def sparse_weights(entry: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sparse COO weight matrix ``(units, batch·h·w)`` of one table of a collated batch, on its device."""
+    import torch
+
+    size = tuple(int(v) for v in entry["shape"])
+    return torch.sparse_coo_tensor(
+        entry["indices"], entry["values"], size, device=entry["values"].device, check_invariants=False
+    ).coalesce()
 
 
 def collate_units(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -106,6 +106,7 @@ def _lightning_classes() -> tuple[type, type]:
     import lightning.pytorch as lp
     import torch
 
+    from ._data import sparse_weights
     from ._footprints import aggregate_map
 
     class _Plan(lp.LightningModule):
@@ -174,7 +175,7 @@ def _lightning_classes() -> tuple[type, type]:
                 for entry in batch["tables"]:
                     if entry is None:
                         continue
-                    weights, target = entry
+                    weights, target = sparse_weights(entry), entry["targets"]
                     pred = aggregate_map(out, weights, reduce=self.reduce, pixel_area=self.pixel_area)
                     total = total + self._loss(pred, target)
                     n_units += target.shape[0]
@@ -470,11 +471,12 @@ def fit(
 
     loader_kwargs = {"batch_size": batch_size, "collate_fn": collate, "num_workers": num_workers}
     if num_workers > 0:
-        loader_kwargs["persistent_workers"] = False
+        loader_kwargs["persistent_workers"] = True
     train_loader = torch.utils.data.DataLoader(train_ds, sampler=EpochSampler(len(train_ds)), **loader_kwargs)
     val_loader = None
     if val_ds is not None:
-        val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kwargs)
+        # Validation reads its few fixed tiles in the main process (worker processes for it gain little).
+        val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, batch_size=batch_size, collate_fn=collate)
 
     # Pixel area of one map pixel: in input pixels for an intensive sum (Eq. 9), in µm² for a density.
     stride = float(model.output_stride)
