@@ -102,6 +102,8 @@ def test_fit_rejects_inconsistent_settings(sdata) -> None:
         fit(helpers.TinyModel(GENES, value_kind="density"), sdata, target_layer="log1p_cpm", **FAST)
     with pytest.raises(InputError, match="validation_fraction"):
         fit(model, sdata, validation_fraction=1.5, **FAST)
+    with pytest.raises(InputError, match="num_workers"):
+        fit(model, sdata, validation_fraction=0.2, num_workers=2, **FAST)
     negative = helpers.TinyModel(GENES, value_kind="density")
     negative.module = negative.module[:-1]  # no softplus: the map can go negative
     with torch.no_grad():
