@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--um-per-px", type=float, default=2.0, help="model resolution")
     p.add_argument("--tile-size", type=int, default=None, help="PixNet tile (192)")
     p.add_argument("--crop-um", type=float, default=128.0, help="SpotCNN / EmbeddingRidge crop side")
-    p.add_argument("--stride-um", type=float, default=None, help="baseline map spacing (synthetic 16, her2st 48)")
+    p.add_argument("--stride-um", type=float, default=None, help="baseline map spacing (synthetic 16, her2st 100)")
     p.add_argument("--n-components", type=int, default=50)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--tiles-per-epoch", type=int, default=None)
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         "genes": 50 if her else 16,
         "section_um": 1000.0 if args.quick else 2000.0,
         "tile_size": 192,
-        "stride_um": 48.0 if her else 16.0,
+        "stride_um": 100.0 if her else 16.0,
         "epochs": (2 if args.quick else (6 if her else 8)),
         "tiles_per_epoch": 16 if args.quick else 48,
         "crops_per_epoch": 64 if args.quick else (384 if her else 256),
