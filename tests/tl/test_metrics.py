@@ -94,6 +94,18 @@ def test_constant_float_column_is_nan_not_rounding_noise():
     assert math.isnan(genewise_pcc(y, y_hat, nan_policy="propagate")[0])
 
 
+def test_constant_map_aggregated_with_float32_rounding_is_undefined_not_scored():
+    # A constant map averaged over units of different pixel counts differs by an ulp or two between units.
+    y = np.array([[0.1], [0.2], [0.4], [0.3]])
+    c = np.float32(5.3)
+    y_hat = np.array([[c], [np.nextafter(c, np.float32(6))], [c], [np.nextafter(c, np.float32(0))]], dtype=np.float64)
+    assert np.ptp(y_hat) > 0
+    assert genewise_pcc(y, y_hat)[0] == -1.0  # undefined → −1 under the published policy
+    # a real float32 signal, far above rounding, is still scored
+    signal = np.array([[5.3], [5.31], [5.32], [5.33]], dtype=np.float32).astype(np.float64)
+    assert genewise_pcc(y, signal)[0] == pytest.approx(np.corrcoef(y[:, 0], signal[:, 0])[0, 1])
+
+
 def test_spearman_matches_scipy(rng):
     y = rng.integers(0, 5, size=(30, 6)).astype(float)  # ties
     y_hat = y + rng.normal(size=y.shape)

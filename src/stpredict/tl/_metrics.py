@@ -61,6 +61,15 @@ def _pair(y: np.ndarray, y_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y, y_hat
 
 
+#: Ranges up to this many float32 ulps of a slice's magnitude count as constant.
+CONSTANT_ULPS = 16
+
+
+def _is_constant(x: np.ndarray, axis: int) -> np.ndarray:
+    scale = np.abs(x).max(axis=axis)
+    return np.ptp(x, axis=axis) <= CONSTANT_ULPS * np.finfo(np.float32).eps * scale
+
+
 def _pearson_along(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
     """Pearson correlation of matching slices along ``axis``; NaN where either slice is constant or too short."""
     n = a.shape[axis]
@@ -68,8 +77,10 @@ def _pearson_along(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
     db = b - b.mean(axis=axis, keepdims=True)
     num = (da * db).sum(axis=axis)
     den = np.sqrt((da * da).sum(axis=axis) * (db * db).sum(axis=axis))
-    # A constant slice has no defined correlation; test it exactly rather than trusting rounding in ``den``.
-    constant = (np.ptp(a, axis=axis) == 0) | (np.ptp(b, axis=axis) == 0) if n > 0 else np.ones(num.shape, bool)
+    # A constant slice has no defined correlation. Maps and tables are float32, and aggregating a constant map
+    # over units of different pixel counts leaves a few ulps of rounding: a range within that is constant too
+    # (a correlation of rounding noise is not a measurement).
+    constant = (_is_constant(a, axis) | _is_constant(b, axis)) if n > 0 else np.ones(num.shape, bool)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = num / den
     r = np.clip(r, -1.0, 1.0)
