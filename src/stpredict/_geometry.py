@@ -20,6 +20,8 @@ from ._errors import CalibrationError, CoordinateSystemError, InputError
 from ._settings import settings
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from spatialdata import SpatialData
 
 __all__ = [
@@ -39,17 +41,23 @@ __all__ = [
 #: Relative difference between the x and y pixel size above which an element counts as anisotropic.
 ANISOTROPY_TOLERANCE = 1e-3
 _AXES = ("x", "y")
+_GROUPS = ("images", "labels", "shapes", "points")
 
 
 def get_element(sdata: SpatialData, key: str) -> Any:
     """Return the element ``key`` of any type, or raise an error that lists what exists."""
-    for group in ("images", "labels", "shapes", "points"):
+    for group in _GROUPS:
         elements = getattr(sdata, group)
         if key in elements:
             return elements[key]
-    available = [k for g in ("images", "labels", "shapes", "points") for k in getattr(sdata, g)]
+    available = [k for g in _GROUPS for k in getattr(sdata, g)]
     msg = f"No element {key!r} in the SpatialData; available elements: {sorted(available)}."
     raise KeyError(msg)
+
+
+def _elements(sdata: SpatialData) -> Iterator[Any]:
+    for group in _GROUPS:
+        yield from getattr(sdata, group).values()
 
 
 def _transformations(element: Any) -> dict[str, Any]:
@@ -69,11 +77,10 @@ def _um_matrix_or_none(sdata: SpatialData, key: str) -> np.ndarray | None:
         return _matrix(own[cs_um])
     # An element added after calibration: reach µm through any calibrated element in a shared system.
     for cs, transformation in own.items():
-        for group in ("images", "labels", "shapes", "points"):
-            for other in getattr(sdata, group).values():
-                other_t = _transformations(other)
-                if cs in other_t and cs_um in other_t:
-                    return _matrix(other_t[cs_um]) @ np.linalg.inv(_matrix(other_t[cs])) @ _matrix(transformation)
+        for other in _elements(sdata):
+            other_t = _transformations(other)
+            if cs in other_t and cs_um in other_t:
+                return _matrix(other_t[cs_um]) @ np.linalg.inv(_matrix(other_t[cs])) @ _matrix(transformation)
     return None
 
 
@@ -136,17 +143,15 @@ def set_um_per_px(sdata: SpatialData, image_key: str, value: float) -> None:
     image_t = {cs: t for cs, t in _transformations(image).items() if cs != cs_um}
     scale = Scale([value, value], axes=_AXES)
     set_transformation(image, scale, to_coordinate_system=cs_um)
-    for group in ("images", "labels", "shapes", "points"):
-        for key, element in getattr(sdata, group).items():
-            if element is image:
-                continue
-            for cs, transformation in _transformations(element).items():
-                if cs in image_t:
-                    to_um = Sequence([transformation, image_t[cs].inverse(), scale])
-                    set_transformation(element, to_um, to_coordinate_system=cs_um)
-                    break
-            else:
-                del key  # shares no coordinate system with the image: left as is
+    for element in _elements(sdata):
+        if element is image:
+            continue
+        # Through the first coordinate system shared with the image; an element sharing none is left as is.
+        for cs, transformation in _transformations(element).items():
+            if cs in image_t:
+                to_um = Sequence([transformation, image_t[cs].inverse(), scale])
+                set_transformation(element, to_um, to_coordinate_system=cs_um)
+                break
 
 
 def affine_between(sdata: SpatialData, source_key: str, target_key: str) -> np.ndarray:
