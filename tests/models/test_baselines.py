@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,14 @@ def test_baseline_arguments_are_checked() -> None:
         SpotCNN(GENES, encoder="test_efficientnet", stride_um=8, tile_size=60)
     with pytest.raises(InputError, match="n_components"):
         EmbeddingRidge(GENES, encoder="test_efficientnet", n_components=0)
+
+
+def test_coarse_baseline_map_runs_through_predict_dense(sdata) -> None:
+    # A map pixel every 100 µm with 24 µm crops: the default tile must still leave predict_dense a positive step
+    # (it used to be 3 map pixels, all taken by the default overlap).
+    model = SpotCNN(GENES, encoder="test_efficientnet", um_per_px=1.0, crop_um=24.0, stride_um=100.0)
+    assert model.tile_size // model.output_stride >= 2 * math.ceil(model.context / model.output_stride) + 8
+    out = st.tl.predict_dense(sdata, model, tissue_only=False, inplace=False, show_progress_bar=False)
+    level = out["scale0"]["image"]
+    assert level.sizes["c"] == len(GENES)
+    assert np.isfinite(level.values).all()

@@ -54,6 +54,10 @@ def _backbone(encoder: str, pretrained: str | os.PathLike[str] | None) -> nn.Mod
     return model
 
 
+#: Map pixels a default baseline tile has beyond its two context bands (room for the ramp and the step).
+_MIN_STEP_PX = 8
+
+
 class _CropRegressor(nn.Module):
     """Backbone → linear head: one gene vector per crop."""
 
@@ -97,7 +101,11 @@ class _SlidingWindowModel:
         self.crop_size = max(int(round(crop_um / um_per_px)), 8)
         self.output_stride = max(int(round(stride_um / um_per_px)), 1)
         if tile_size is None:
-            tile_size = self.output_stride * math.ceil(max(256, 2 * self.crop_size) / self.output_stride)
+            # At least 256 px and two crops, and enough map pixels that predict_dense's default overlap
+            # (twice the context plus a blending ramp) leaves a positive tile step even for coarse strides.
+            context_px = math.ceil(self.crop_size // 2 / self.output_stride)
+            n_map_px = max(math.ceil(max(256, 2 * self.crop_size) / self.output_stride), 2 * context_px + _MIN_STEP_PX)
+            tile_size = self.output_stride * n_map_px
         if tile_size % self.output_stride:
             msg = f"tile_size ({tile_size}) must be a multiple of the output stride ({self.output_stride} px)."
             raise InputError(msg)
