@@ -35,6 +35,7 @@ __all__ = [
     "scale_levels",
     "set_um_per_px",
     "to_um_affine",
+    "transformation_matrix",
     "um_per_px",
 ]
 
@@ -66,7 +67,8 @@ def _transformations(element: Any) -> dict[str, Any]:
     return get_transformation(element, get_all=True)
 
 
-def _matrix(transformation: Any) -> np.ndarray:
+def transformation_matrix(transformation: Any) -> np.ndarray:
+    """The 3 × 3 affine matrix (x, y, 1) of a spatialdata transformation."""
     return np.asarray(transformation.to_affine_matrix(input_axes=_AXES, output_axes=_AXES), dtype=np.float64)
 
 
@@ -74,13 +76,14 @@ def _um_matrix_or_none(sdata: SpatialData, key: str) -> np.ndarray | None:
     cs_um = settings.um_coordinate_system
     own = _transformations(get_element(sdata, key))
     if cs_um in own:
-        return _matrix(own[cs_um])
+        return transformation_matrix(own[cs_um])
     # An element added after calibration: reach µm through any calibrated element in a shared system.
     for cs, transformation in own.items():
         for other in _elements(sdata):
             other_t = _transformations(other)
             if cs in other_t and cs_um in other_t:
-                return _matrix(other_t[cs_um]) @ np.linalg.inv(_matrix(other_t[cs])) @ _matrix(transformation)
+                other_to_um = transformation_matrix(other_t[cs_um]) @ np.linalg.inv(transformation_matrix(other_t[cs]))
+                return other_to_um @ transformation_matrix(transformation)
     return None
 
 
@@ -173,7 +176,7 @@ def affine_between(sdata: SpatialData, source_key: str, target_key: str) -> np.n
         )
         raise CoordinateSystemError(msg)
     cs = settings.um_coordinate_system if settings.um_coordinate_system in shared else shared[0]
-    return np.linalg.inv(_matrix(target_t[cs])) @ _matrix(source_t[cs])
+    return np.linalg.inv(transformation_matrix(target_t[cs])) @ transformation_matrix(source_t[cs])
 
 
 def apply_affine(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:

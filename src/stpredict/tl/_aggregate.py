@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from stpredict._errors import InputError
-from stpredict._geometry import affine_between, apply_affine, get_element, scale_levels, to_um_affine
+from stpredict._geometry import (
+    affine_between,
+    apply_affine,
+    get_element,
+    scale_levels,
+    to_um_affine,
+    transformation_matrix,
+)
 from stpredict._keys import Attrs, Keys
 from stpredict._logging import get_logger
 from stpredict._meta import get_element_meta
@@ -202,8 +209,7 @@ def grid_transformations(sdata: SpatialData, reference_key: str) -> dict[str, An
     for cs, t in get_transformation(get_element(sdata, reference_key), get_all=True).items():
         if cs == settings.um_coordinate_system:
             continue
-        m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
-        out[cs] = Affine(m @ np.linalg.inv(to_um), input_axes=("x", "y"), output_axes=("x", "y"))
+        out[cs] = Affine(transformation_matrix(t) @ np.linalg.inv(to_um), input_axes=("x", "y"), output_axes=("x", "y"))
     return out
 
 

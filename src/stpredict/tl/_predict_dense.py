@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+import stpredict
 from stpredict._errors import InputError
-from stpredict._geometry import raster_shape, scale_levels, um_per_px
+from stpredict._geometry import raster_shape, scale_levels, transformation_matrix, um_per_px
 from stpredict._keys import Keys
 from stpredict._logging import get_logger
 from stpredict._meta import set_element_meta
@@ -296,11 +297,6 @@ def _remote_unit(
     return unit, (block if touched else None), predictor.n_calls
 
 
-def _transform_matrix(transformation: Any) -> np.ndarray:
-    axes = ("x", "y")
-    return np.asarray(transformation.to_affine_matrix(input_axes=axes, output_axes=axes), dtype=np.float64)
-
-
 def _tissue_tiles(
     sdata: SpatialData, image_key: str, tissue_key: str | None, gy: AxisGrid, gx: AxisGrid, f: float
 ) -> tuple[np.ndarray, str]:
@@ -324,7 +320,7 @@ def _tissue_tiles(
     if not shared:
         msg = f"The tissue mask {key!r} shares no coordinate system with image {image_key!r}; recompute it."
         raise InputError(msg)
-    to_mask = np.linalg.inv(_transform_matrix(mask_t[shared[0]])) @ _transform_matrix(image_t[shared[0]])
+    to_mask = np.linalg.inv(transformation_matrix(mask_t[shared[0]])) @ transformation_matrix(image_t[shared[0]])
     mask = np.asarray(scale_levels(mask_el)[0].data) > 0
     sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
     sat[1:, 1:] = mask.cumsum(0).cumsum(1)
@@ -375,15 +371,6 @@ def _check_model(model: Any) -> None:
     if model.value_kind not in ("density", "intensive"):
         msg = f"model.value_kind must be 'density' or 'intensive', got {model.value_kind!r}."
         raise InputError(msg)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("stpredict")
-    except Exception:  # noqa: BLE001 - an uninstalled checkout has no version metadata
-        return "unknown"
 
 
 def predict_dense(
@@ -689,7 +676,7 @@ def predict_dense(
     meta = {
         "value_kind": model.value_kind,
         "model": model.name,
-        "stpredict_version": _version(),
+        "stpredict_version": stpredict.__version__,
         "um_per_px": float(model.um_per_px * s),
         "stride": float(f),
         "image_key": image_key,
