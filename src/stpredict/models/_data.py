@@ -112,11 +112,9 @@ def log1p_cpm(counts: Any, *, target_sum: float = 1e4, columns: np.ndarray | Non
     Same values as :func:`stpredict.pp.normalize` with ``method="log1p_cpm"`` (no smoothing); only ``columns``
     (default: all) are densified, so a sparse table with many genes stays cheap.
     """
-    total = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1, 1)
-    sub = counts if columns is None else counts[:, columns]
-    X = sub.toarray() if sparse.issparse(sub) else np.asarray(sub)
-    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
-    return np.log1p(X.astype(np.float64) * scale).astype(np.float32)
+    from stpredict.pp._normalize import scaled_log1p
+
+    return scaled_log1p(counts, target_sum, columns=columns).astype(np.float32)
 
 
 def _dense_rows(matrix: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

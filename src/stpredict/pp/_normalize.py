@@ -152,13 +152,23 @@ def smooth_grid(values: np.ndarray, array_row: np.ndarray, array_col: np.ndarray
     return total / count[:, None]
 
 
+def scaled_log1p(counts: Any, target: float, *, columns: np.ndarray | None = None) -> np.ndarray:
+    """``log1p(x / total · target)`` per unit, in float64; totals over all genes, 0 for units without counts.
+
+    The one implementation behind ``log1p_cpm`` (``target`` = 1e4) and ``prop_log``, for tables here and for
+    training targets in :mod:`stpredict.models`. Only ``columns`` (default: all) are densified, so a sparse table
+    with many genes stays cheap when few are needed.
+    """
+    totals = np.asarray(counts.sum(axis=1, dtype=np.float64)).reshape(-1, 1)
+    values = _dense(counts if columns is None else counts[:, columns])
+    return np.log1p(np.divide(values * target, totals, out=np.zeros_like(values), where=totals > 0))
+
+
 def _apply(adata: AnnData, params: dict[str, Any]) -> np.ndarray:
-    counts = _dense(_counts(adata, params["layer"]))
     method = params["method"]
     if method in ("log1p_cpm", "prop_log"):
         target = params["target_sum"] if method == "log1p_cpm" else params["scale"]
-        totals = counts.sum(axis=1, keepdims=True)
-        values = np.log1p(np.divide(counts * target, totals, out=np.zeros_like(counts), where=totals > 0))
+        values = scaled_log1p(_counts(adata, params["layer"]), target)
         if params.get("smooth"):
             missing = [c for c in ("array_row", "array_col") if c not in adata.obs]
             if missing:
@@ -173,6 +183,7 @@ def _apply(adata: AnnData, params: dict[str, Any]) -> np.ndarray:
             "genes first: `stpredict.pp._genes.subset_genes(adata, params['genes'])`."
         )
         raise InputError(msg)
+    counts = _dense(_counts(adata, params["layer"]))
     lo, hi = np.asarray(params["min"]), np.asarray(params["max"])
     return ((np.log10(1.0 + counts) - lo) / (hi - lo + MINMAX_EPS)).astype(np.float32)
 
