@@ -224,6 +224,25 @@ def test_float16_and_not_inplace(rgb):
     assert el.attrs["stpredict"]["value_kind"] == "intensive"
 
 
+def test_large_unbacked_map_goes_through_a_quiet_temporary_folder(rgb, tmp_path, monkeypatch, caplog):
+    """A map too big for memory lives in a fresh temporary folder (its backing store), without a stale-run warning."""
+    import tempfile
+
+    monkeypatch.setattr(pdm, "IN_MEMORY_MAX_BYTES", 16)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    reference = _sdata(rgb)
+    st.tl.predict_dense(reference, ColourModel(), tissue_only=False, chunk_size=24, show_progress_bar=False)
+    monkeypatch.setattr(pdm, "IN_MEMORY_MAX_BYTES", 0)
+    sdata = _sdata(rgb)
+    with caplog.at_level(logging.INFO, logger="stpredict"):
+        st.tl.predict_dense(sdata, ColourModel(), tissue_only=False, chunk_size=24, show_progress_bar=False)
+    assert "Discarding" not in caplog.text
+    folders = sorted(tmp_path.iterdir())
+    assert len(folders) == 2  # one per call, each backing its map
+    assert all((f / "map.zarr").is_dir() for f in folders)
+    np.testing.assert_array_equal(_map(sdata), _map(reference))
+
+
 def test_backed_run_interrupted_resumes_to_identical_map(rgb, tmp_path, monkeypatch):
     from spatialdata import read_zarr
 

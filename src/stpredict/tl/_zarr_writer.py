@@ -70,10 +70,10 @@ class WorkStore:
             self.array = zarr.open_array(self.path / "map.zarr", mode="r+")
             logger.info("Resuming the dense map in %s: %d units already written.", self.path, len(self.done))
             return
-        if self.path.exists():
+        if self.path.exists() and any(self.path.iterdir()):
             logger.warning("Discarding an unfinished dense map in %s made with other parameters.", self.path)
             shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        self.path.mkdir(parents=True, exist_ok=True)
         self.array = zarr.create_array(
             store=self.path / "map.zarr", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=codec
         )
