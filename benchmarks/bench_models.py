@@ -108,8 +108,8 @@ def _build_models(args: argparse.Namespace, genes: list[str]) -> dict[str, Any]:
         "pretrained": "efficientnet-lite0",
         "um_per_px": args.um_per_px,
         "tile_size": args.tile_size,
-        "output_stride": 2,
-        "decoder_channels": (32, 64, 128, 192, 256),
+        "output_stride": args.output_stride,
+        "decoder_channels": tuple(args.decoder_channels),
         "attention": "channel",
         "freeze_encoder": True,
         "seed": args.seed,
@@ -426,6 +426,12 @@ def main(argv: list[str] | None = None) -> None:
     # models and training
     p.add_argument("--um-per-px", type=float, default=2.0, help="model resolution")
     p.add_argument("--tile-size", type=int, default=None, help="PixNet tile (192)")
+    p.add_argument("--output-stride", type=int, default=2, help="PixNet output stride")
+    p.add_argument(
+        "--decoder-channels",
+        default="32,64,128,192,256,320",
+        help="PixNet decoder channels at strides 1, 2, 4, ... (six reach the encoder's stride-32 stage)",
+    )
     p.add_argument("--crop-um", type=float, default=128.0, help="SpotCNN / EmbeddingRidge crop side")
     p.add_argument("--stride-um", type=float, default=None, help="baseline map spacing (synthetic 16, her2st 100)")
     p.add_argument("--n-components", type=int, default=50)
@@ -458,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
     args.bin_sizes = [float(b) for b in args.bin_sizes.split(",")]
+    args.decoder_channels = [int(c) for c in args.decoder_channels.split(",")]
     if args.out is None:
         args.out = REPO / "benchmarks" / "results" / ("models_her2st.json" if her else "models.json")
 
