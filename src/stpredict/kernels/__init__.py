@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
-from ._aggregate import axis_table, circle_pixel_area, labels_sum, polygon_pixel_area, rect_sum, shapes_sum
+from ._aggregate import (
+    axis_table,
+    circle_pixel_area,
+    gather_units,
+    labels_sum,
+    polygon_pixel_area,
+    rect_sum,
+    shapes_sum,
+)
 
-__all__ = ["axis_table", "circle_pixel_area", "labels_sum", "polygon_pixel_area", "rect_sum", "shapes_sum"]
+__all__ = [
+    "axis_table",
+    "circle_pixel_area",
+    "gather_units",
+    "labels_sum",
+    "polygon_pixel_area",
+    "rect_sum",
+    "shapes_sum",
+]

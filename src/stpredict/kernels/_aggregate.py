@@ -24,6 +24,7 @@ import numpy as np
 __all__ = [
     "axis_table",
     "circle_pixel_area",
+    "gather_units",
     "labels_sum",
     "polygon_pixel_area",
     "rect_sum",
@@ -81,20 +82,60 @@ def _row_weight(y, lo, hi, w_lo, w_hi):
 
 #: Columns per strip of the row buffer (64 KiB of float64), bounding the per-task buffer for very wide maps.
 _STRIP = 8192
+#: Pixel rows per task of :func:`rect_sum` (a run of whole bin rows): enough tasks for the threads, and long runs
+#: so that the pixel row shared by two bin rows is read once.
+_RUN_ROWS = 64
+
+
+@numba.njit(inline="always")
+def _stream_rows(img, c, y, end, x0, x1, lo, hi, wl, wh, buf, first):
+    # buf (+)= Σ_{y <= row < end} weight(row) · img[c, row, x0:x1], four rows per pass over the buffer (a quarter of
+    # its loads and stores); ``first`` assigns instead of adding (no zeroing pass). Returns whether buf is still empty.
+    while y + 4 <= end:
+        w0 = _row_weight(y, lo, hi, wl, wh)
+        w1 = _row_weight(y + 1, lo, hi, wl, wh)
+        w2 = _row_weight(y + 2, lo, hi, wl, wh)
+        w3 = _row_weight(y + 3, lo, hi, wl, wh)
+        r0 = img[c, y, x0:x1]
+        r1 = img[c, y + 1, x0:x1]
+        r2 = img[c, y + 2, x0:x1]
+        r3 = img[c, y + 3, x0:x1]
+        if first:
+            for i in range(r0.size):  # indices from 0: no wraparound checks, so LLVM vectorises
+                buf[i] = (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
+            first = False
+        else:
+            for i in range(r0.size):
+                buf[i] += (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
+        y += 4
+    while y < end:
+        w0 = _row_weight(y, lo, hi, wl, wh)
+        r0 = img[c, y, x0:x1]
+        if first:
+            for i in range(r0.size):
+                buf[i] = w0 * r0[i]
+            first = False
+        else:
+            for i in range(r0.size):
+                buf[i] += w0 * r0[i]
+        y += 1
+    return first
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
-def _rect_sum_parallel(img, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, groups, out, by_off, bx_off):
-    # Separable: for each strip of whole bins (groups[g] … groups[g+1]-1), first the weighted sum of the bin row's
-    # pixel rows into a small row buffer (streaming, vectorised), then the column intervals of that buffer.
-    n_c = img.shape[0]
-    nby = ylo.size
+def _rect_sum_parallel(img, chan, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, groups, runs, out, by_off, bx_off):
+    # Separable: one task per (channel, run of consecutive bin rows). For each strip of whole bins
+    # (groups[g] … groups[g+1]-1), the weighted sum of a bin row's pixel rows streams into a row buffer (vectorised),
+    # then the column intervals of that buffer give the bins. A pixel row shared by two bin rows of the run is read
+    # once and split between the buffer and the next bin row's buffer.
+    n_runs = runs.size - 1
     n_groups = groups.size - 1
-    for t in numba.prange(n_c * nby):
-        c = t // nby
-        by = t % nby
-        if yhi[by] <= ylo[by]:
-            continue
+    for t in numba.prange(chan.size * n_runs):
+        ci = t // n_runs
+        c = chan[ci]
+        run = t % n_runs
+        r_a = runs[run]
+        r_b = runs[run + 1]
         for g in range(n_groups):
             b0 = groups[g]
             b1 = groups[g + 1]
@@ -105,42 +146,91 @@ def _rect_sum_parallel(img, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, groups, 
                 x1 = max(x1, xhi[bx])
             if x1 <= x0:
                 continue
-            buf = np.zeros(x1 - x0, dtype=np.float64)
-            lo, hi, wl, wh = ylo[by], yhi[by], ywlo[by], ywhi[by]
-            y = lo
-            while y + 4 <= hi:  # four rows per pass over the buffer: a quarter of its loads and stores
-                w0 = _row_weight(y, lo, hi, wl, wh)
-                w1 = _row_weight(y + 1, lo, hi, wl, wh)
-                w2 = _row_weight(y + 2, lo, hi, wl, wh)
-                w3 = _row_weight(y + 3, lo, hi, wl, wh)
-                r0 = img[c, y, x0:x1]
-                r1 = img[c, y + 1, x0:x1]
-                r2 = img[c, y + 2, x0:x1]
-                r3 = img[c, y + 3, x0:x1]
-                for i in range(r0.size):  # indices from 0: no wraparound checks, so LLVM vectorises
-                    buf[i] += (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
-                y += 4
-            while y < hi:
-                w0 = _row_weight(y, lo, hi, wl, wh)
-                r0 = img[c, y, x0:x1]
-                for i in range(r0.size):
-                    buf[i] += w0 * r0[i]
-                y += 1
-            for bx in range(b0, b1):
-                out[c, by + by_off, bx + bx_off] += _row_interval(buf, xlo[bx] - x0, xhi[bx] - x0, xwlo[bx], xwhi[bx])
+            buf = np.empty(x1 - x0, dtype=np.float64)
+            nxt = np.empty(x1 - x0, dtype=np.float64)
+            carried = False  # buf already holds this bin row's first pixel row (read with the previous bin row)
+            for by in range(r_a, r_b):
+                lo, hi, wl, wh = ylo[by], yhi[by], ywlo[by], ywhi[by]
+                if hi <= lo:
+                    carried = False
+                    continue
+                y = lo + 1 if carried else lo
+                # the last pixel row is also the next bin row's first: read it once for both
+                share = y < hi and by + 1 < r_b and ylo[by + 1] == hi - 1 and yhi[by + 1] > hi - 1
+                first = _stream_rows(img, c, y, hi - 1 if share else hi, x0, x1, lo, hi, wl, wh, buf, not carried)
+                if share:
+                    w0 = _row_weight(hi - 1, lo, hi, wl, wh)
+                    wn = ywlo[by + 1]
+                    r0 = img[c, hi - 1, x0:x1]
+                    if first:
+                        for i in range(r0.size):
+                            buf[i] = w0 * r0[i]
+                            nxt[i] = wn * r0[i]
+                    else:
+                        for i in range(r0.size):
+                            buf[i] += w0 * r0[i]
+                            nxt[i] = wn * r0[i]
+                elif first:
+                    buf[:] = 0.0
+                for bx in range(b0, b1):
+                    out[ci, by + by_off, bx + bx_off] += _row_interval(
+                        buf, xlo[bx] - x0, xhi[bx] - x0, xwlo[bx], xwhi[bx]
+                    )
+                if share:
+                    buf, nxt = nxt, buf
+                carried = share
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _gather_units(grid, rows, cols, out):
+    # out[k, c] = grid[c, rows[k], cols[k]], in blocks of units so that reads run along grid rows and the strided
+    # writes stay in cache
+    n = rows.size
+    n_c = grid.shape[0]
+    step = 256
+    for t in numba.prange((n + step - 1) // step):
+        k0 = t * step
+        k1 = min(n, k0 + step)
+        for c in range(n_c):
+            for k in range(k0, k1):
+                out[k, c] = grid[c, rows[k], cols[k]]
+
+
+def gather_units(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> None:
+    """``out[k, c] = grid[c, rows[k], cols[k]]``: per-unit rows of a ``(c, n_rows, n_cols)`` grid of sums.
+
+    ``out`` is ``(len(rows), c)`` (e.g. float32, the table's ``X``); the cast happens on the way.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    if rows.size == 0:
+        return
+    if _parallel_ok():
+        _gather_units(grid, rows, cols, out)
+    else:
+        _gather_units_serial(grid, rows, cols, out)
+
+
+@numba.njit(cache=True)
+def _runs(lo, hi, width):
+    # Boundaries of runs of consecutive intervals spanning at most ``width`` pixels (at least one interval each).
+    n = lo.size
+    starts = np.empty(n + 1, dtype=np.int64)
+    starts[0] = 0
+    m = 1
+    first = lo[0] if n else 0
+    for k in range(1, n):
+        if hi[k] - first > width:
+            starts[m] = k
+            m += 1
+            first = lo[k]
+    starts[m] = n
+    return starts[: m + 1].copy()
 
 
 def _strip_groups(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Boundaries of runs of consecutive bins spanning at most ``_STRIP`` pixels (at least one bin each)."""
-    n = lo.size
-    starts = [0]
-    first = lo[0] if n else 0
-    for k in range(1, n):
-        if hi[k] - first > _STRIP:
-            starts.append(k)
-            first = lo[k]
-    starts.append(n)
-    return np.asarray(starts, dtype=np.int64)
+    return _runs(np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64), _STRIP)
 
 
 def _parallel_ok() -> bool:
@@ -154,46 +244,63 @@ def _parallel_ok() -> bool:
     return layer in ("tbb", "omp")
 
 
+def _channels(channels: np.ndarray | None, n_c: int) -> np.ndarray:
+    if channels is None:
+        return np.arange(n_c, dtype=np.int64)
+    chan = np.asarray(channels, dtype=np.int64)
+    if chan.ndim != 1 or (chan.size and (chan.min() < 0 or chan.max() >= n_c)):
+        msg = f"channels must index the raster's {n_c} channels, got {channels!r}."
+        raise ValueError(msg)
+    return chan
+
+
 def rect_sum(
     img: np.ndarray,
     y_table: tuple[np.ndarray, ...],
     x_table: tuple[np.ndarray, ...],
     out: np.ndarray,
     offset: tuple[int, int] = (0, 0),
+    channels: np.ndarray | None = None,
 ) -> None:
     """Add ``Σ_pixels overlap(pixel, rectangle) · img[c, pixel]`` for a separable grid of rectangles to ``out``.
 
     Parameters
     ----------
     img
-        ``(c, ny, nx)`` float32 or float64 raster (C-contiguous).
+        ``(c, ny, nx)`` float32 or float64 raster (C-contiguous, or it is copied).
     y_table, x_table
         :func:`axis_table` of the rectangles' row and column intervals in ``img``'s pixel space.
     out
-        ``(c, n_rows_total, n_cols_total)`` float64 accumulator; rectangle ``(r, k)`` goes to
-        ``out[:, r + offset[0], k + offset[1]]``.
+        ``(n_channels, n_rows_total, n_cols_total)`` float64 accumulator; rectangle ``(r, k)`` of channel
+        ``channels[i]`` goes to ``out[i, r + offset[0], k + offset[1]]``.
     offset
         Position of this grid inside ``out`` (block-wise accumulation).
+    channels
+        Channels of ``img`` to aggregate (default all), so a subset needs no copy of the raster.
     """
     if x_table[0].size == 0 or y_table[0].size == 0:
         return
+    chan = _channels(channels, img.shape[0])
     groups = _strip_groups(x_table[0], x_table[1])
+    runs = _runs(np.asarray(y_table[0], dtype=np.int64), np.asarray(y_table[1], dtype=np.int64), _RUN_ROWS)
     kernel = _rect_sum_parallel if _parallel_ok() else _rect_sum_serial
-    kernel(np.ascontiguousarray(img), *y_table, *x_table, groups, out, int(offset[0]), int(offset[1]))
+    kernel(np.ascontiguousarray(img), chan, *y_table, *x_table, groups, runs, out, int(offset[0]), int(offset[1]))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
-def _labels_sum(img, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, geo, n_chunks, buf, wbuf):
-    # buf: (n_chunks, c, n_labels); wbuf: (n_chunks, 3, n_labels) = weight, weight·x, weight·y (c == 0 only)
-    n_c = img.shape[0]
+def _labels_sum(img, chan, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, geo, n_chunks, buf, wbuf):
+    # buf: (n_chunks, n_channels, n_labels); wbuf: (n_chunks, 3, n_labels) = weight, weight·x, weight·y (first
+    # channel only)
+    n_c = chan.size
     nly = ylo.size
     nlx = xlo.size
     rows_per_chunk = (nly + n_chunks - 1) // n_chunks
     for t in numba.prange(n_c * n_chunks):
-        c = t // n_chunks
+        ci = t // n_chunks
+        c = chan[ci]
         k = t % n_chunks
         for ly in range(k * rows_per_chunk, min(nly, (k + 1) * rows_per_chunk)):
-            if c == 0:  # exact overlap rectangle of each label pixel: area and midpoint
+            if ci == 0:  # exact overlap rectangle of each label pixel: area and midpoint
                 for lx in range(nlx):
                     idx = lab[ly, lx]
                     if idx >= 0:
@@ -212,7 +319,7 @@ def _labels_sum(img, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, geo, n_chu
                     idx = lab[ly, lx]
                     if idx < 0:
                         continue
-                    buf[k, c, idx] += wy * _row_interval(row, xlo[lx], xhi[lx], xwlo[lx], xwhi[lx])
+                    buf[k, ci, idx] += wy * _row_interval(row, xlo[lx], xhi[lx], xwlo[lx], xwhi[lx])
 
 
 def labels_sum(
@@ -221,6 +328,7 @@ def labels_sum(
     y_edges: np.ndarray,
     x_edges: np.ndarray,
     n_labels: int,
+    channels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-label area-weighted sums of ``img`` over label pixels mapped (axis-aligned) onto its pixel grid.
 
@@ -234,13 +342,17 @@ def labels_sum(
         ``nly + 1`` and ``nlx + 1`` increasing edges of the label pixels in ``img``'s pixel space.
     n_labels
         Number of compact labels (``lab.max() + 1``).
+    channels
+        Channels of ``img`` to aggregate (default all).
 
     Returns
     -------
-    ``sums`` of shape ``(c, n_labels)`` and ``geom`` of shape ``(3, n_labels)``: overlap area in ``img`` pixels
+    ``sums`` of shape ``(n_channels, n_labels)`` and ``geom`` of shape ``(3, n_labels)``: overlap area in ``img`` pixels
     and the area-weighted x and y of the overlap (divide by the area for the exact centroid).
     """
-    n_c, ny, nx = img.shape
+    _, ny, nx = img.shape
+    chan = _channels(channels, img.shape[0])
+    n_c = chan.size
     parallel = _parallel_ok()
     n_threads = numba.get_num_threads() if parallel else 1
     n_chunks = 1 if n_c >= n_threads else max(1, min(n_threads, lab.shape[0]))
@@ -257,7 +369,7 @@ def labels_sum(
     y_table = axis_table(y_edges[:-1], y_edges[1:], ny)
     x_table = axis_table(x_edges[:-1], x_edges[1:], nx)
     kernel = _labels_sum if parallel else _labels_sum_serial
-    kernel(np.ascontiguousarray(img), lab, *y_table, *x_table, geo, n_chunks, buf, wbuf)
+    kernel(np.ascontiguousarray(img), chan, lab, *y_table, *x_table, geo, n_chunks, buf, wbuf)
     return buf.sum(axis=0), wbuf.sum(axis=0)
 
 
@@ -278,7 +390,7 @@ def _chord_integral(a, b, r):
     return _prim(b, r) - _prim(a, r)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)  # never inherit a caller's fastmath (numba would)
 def _quadrant(x, y, r):
     # Area of the disc of radius r at the origin with X <= x and Y <= y.
     if x <= -r or y <= -r:
@@ -303,7 +415,7 @@ def _quadrant(x, y, r):
     return y * (hi + w) + _chord_integral(-w, hi, r)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)  # never inherit a caller's fastmath (numba would)
 def circle_pixel_area(cx, cy, r, x0, y0, x1, y1):
     """Exact area of the disc ``(cx, cy, r)`` intersected with the rectangle ``[x0, x1) × [y0, y1)``."""
     if r <= 0.0:
@@ -315,7 +427,7 @@ def circle_pixel_area(cx, cy, r, x0, y0, x1, y1):
     return max(0.0, _quadrant(ax1, ay1, r) - _quadrant(ax0, ay1, r) - _quadrant(ax1, ay0, r) + _quadrant(ax0, ay0, r))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)  # never inherit a caller's fastmath (numba would)
 def _clip_area(xs, ys, x0, y0, x1, y1, bx, by, tx, ty):
     # Sutherland–Hodgman clip of the ring (xs, ys) to the convex box; returns the signed shoelace area.
     # bx, by, tx, ty are scratch buffers of length >= 2 * len(xs) + 8.
@@ -371,7 +483,7 @@ def _clip_area(xs, ys, x0, y0, x1, y1, bx, by, tx, ty):
     return 0.5 * area
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)  # never inherit a caller's fastmath (numba would)
 def polygon_pixel_area(xs, ys, x0, y0, x1, y1):
     """Exact (unsigned) area of a simple polygon ring ``(xs, ys)`` intersected with ``[x0, x1) × [y0, y1)``."""
     m = 2 * xs.size + 8
@@ -382,8 +494,48 @@ def polygon_pixel_area(xs, ys, x0, y0, x1, y1):
     return abs(_clip_area(xs, ys, x0, y0, x1, y1, bx, by, tx, ty))
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _shapes_sum(img, oy, ox, kind, cx, cy, rad, bbox, ring_ptr, ring_sign, vx, vy, shape_ptr, ids, out, wout):
+@numba.njit(cache=True, nogil=True, fastmath=False)  # exact areas: no reassociation
+def _shape_weights(s, gx0, gy0, h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx, vy, shape_ptr):
+    # Exact area of shape s in each pixel of the (h, w) window at global pixel (gy0, gx0).
+    weights = np.zeros((h, w), dtype=np.float64)
+    if kind[s] == 0:
+        r2 = rad[s] * rad[s]
+        for i in range(h):
+            for j in range(w):
+                px = gx0 + j
+                py = gy0 + i
+                # whole pixels inside or outside need no integral
+                fx = max(abs(px - cx[s]), abs(px + 1.0 - cx[s]))
+                fy = max(abs(py - cy[s]), abs(py + 1.0 - cy[s]))
+                nx_ = max(0.0, max(px - cx[s], cx[s] - px - 1.0))
+                ny_ = max(0.0, max(py - cy[s], cy[s] - py - 1.0))
+                if fx * fx + fy * fy <= r2:
+                    weights[i, j] = 1.0
+                elif nx_ * nx_ + ny_ * ny_ < r2:
+                    weights[i, j] = circle_pixel_area(cx[s], cy[s], rad[s], px, py, px + 1.0, py + 1.0)
+        return weights
+    m = 8
+    for ring in range(shape_ptr[s], shape_ptr[s + 1]):
+        m = max(m, 2 * (ring_ptr[ring + 1] - ring_ptr[ring]) + 8)
+    bx = np.empty(m)
+    by = np.empty(m)
+    tx = np.empty(m)
+    ty = np.empty(m)
+    for ring in range(shape_ptr[s], shape_ptr[s + 1]):
+        xs = vx[ring_ptr[ring] : ring_ptr[ring + 1]]
+        ys = vy[ring_ptr[ring] : ring_ptr[ring + 1]]
+        sign = ring_sign[ring]
+        for i in range(h):
+            for j in range(w):
+                px = gx0 + j
+                py = gy0 + i
+                a = abs(_clip_area(xs, ys, px, py, px + 1.0, py + 1.0, bx, by, tx, ty))
+                weights[i, j] += sign * a
+    return weights
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
+def _shapes_sum(img, chan, oy, ox, kind, cx, cy, rad, bbox, ring_ptr, ring_sign, vx, vy, shape_ptr, ids, out, wout):
     n_c, ny, nx = img.shape
     for t in numba.prange(ids.size):
         s = ids[t]
@@ -396,55 +548,21 @@ def _shapes_sum(img, oy, ox, kind, cx, cy, rad, bbox, ring_ptr, ring_sign, vx, v
             continue
         h = gy1 - gy0
         w = gx1 - gx0
-        weights = np.zeros((h, w), dtype=np.float64)
-        if kind[s] == 0:
-            for i in range(h):
-                for j in range(w):
-                    px = gx0 + j
-                    py = gy0 + i
-                    # whole pixels inside or outside need no integral
-                    fx = max(abs(px - cx[s]), abs(px + 1.0 - cx[s]))
-                    fy = max(abs(py - cy[s]), abs(py + 1.0 - cy[s]))
-                    nx_ = max(0.0, max(px - cx[s], cx[s] - px - 1.0))
-                    ny_ = max(0.0, max(py - cy[s], cy[s] - py - 1.0))
-                    r2 = rad[s] * rad[s]
-                    if fx * fx + fy * fy <= r2:
-                        weights[i, j] = 1.0
-                    elif nx_ * nx_ + ny_ * ny_ >= r2:
-                        weights[i, j] = 0.0
-                    else:
-                        weights[i, j] = circle_pixel_area(cx[s], cy[s], rad[s], px, py, px + 1.0, py + 1.0)
-        else:
-            m = 8
-            for ring in range(shape_ptr[s], shape_ptr[s + 1]):
-                m = max(m, 2 * (ring_ptr[ring + 1] - ring_ptr[ring]) + 8)
-            bx = np.empty(m)
-            by = np.empty(m)
-            tx = np.empty(m)
-            ty = np.empty(m)
-            for ring in range(shape_ptr[s], shape_ptr[s + 1]):
-                xs = vx[ring_ptr[ring] : ring_ptr[ring + 1]]
-                ys = vy[ring_ptr[ring] : ring_ptr[ring + 1]]
-                sign = ring_sign[ring]
-                for i in range(h):
-                    for j in range(w):
-                        px = gx0 + j
-                        py = gy0 + i
-                        a = abs(_clip_area(xs, ys, px, py, px + 1.0, py + 1.0, bx, by, tx, ty))
-                        weights[i, j] += sign * a
+        weights = _shape_weights(s, gx0, gy0, h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx, vy, shape_ptr)
         total = 0.0
         for i in range(h):
             for j in range(w):
                 total += weights[i, j]
         wout[s] += total
-        for c in range(n_c):
+        for ci in range(chan.size):
+            c = chan[ci]
             acc = 0.0
             for i in range(h):
-                for j in range(w):
-                    wij = weights[i, j]
-                    if wij != 0.0:
-                        acc += wij * img[c, gy0 - oy + i, gx0 - ox + j]
-            out[s, c] += acc
+                row = img[c, gy0 - oy + i, gx0 - ox : gx1 - ox]
+                wrow = weights[i]
+                for j in range(w):  # indices from 0: vectorised
+                    acc += wrow[j] * row[j]
+            out[s, ci] += acc
 
 
 def shapes_sum(
@@ -454,6 +572,7 @@ def shapes_sum(
     ids: np.ndarray,
     out: np.ndarray,
     wout: np.ndarray,
+    channels: np.ndarray | None = None,
 ) -> None:
     """Add exact area-weighted sums of a raster block over circles and polygons to ``out``.
 
@@ -471,12 +590,16 @@ def shapes_sum(
     ids
         int64 indices of the shapes to process (those whose bbox meets the block).
     out, wout
-        ``(n_shapes, c)`` and ``(n_shapes,)`` float64 accumulators: weighted sums and covered area in pixels.
+        ``(n_shapes, n_channels)`` and ``(n_shapes,)`` float64 accumulators: weighted sums and covered area in
+        pixels; column ``i`` of ``out`` is channel ``channels[i]``.
+    channels
+        Channels of ``img`` to aggregate (default all).
     """
     g = geometry
     kernel = _shapes_sum if _parallel_ok() else _shapes_sum_serial
     kernel(
         np.ascontiguousarray(img),
+        _channels(channels, img.shape[0]),
         int(origin[0]),
         int(origin[1]),
         g["kind"],
@@ -497,5 +620,6 @@ def shapes_sum(
 
 # Serial twins for threads where numba's threading layer is not thread-safe ("workqueue"): prange runs as range.
 _rect_sum_serial = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(_rect_sum_parallel.py_func)
+_gather_units_serial = numba.njit(cache=True, nogil=True)(_gather_units.py_func)
 _labels_sum_serial = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(_labels_sum.py_func)
-_shapes_sum_serial = numba.njit(cache=True, nogil=True)(_shapes_sum.py_func)
+_shapes_sum_serial = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(_shapes_sum.py_func)

@@ -40,7 +40,7 @@ from stpredict._keys import Attrs, Keys
 from stpredict._logging import get_logger
 from stpredict._meta import get_element_meta
 from stpredict._settings import settings
-from stpredict.kernels import axis_table, labels_sum, rect_sum, shapes_sum
+from stpredict.kernels import axis_table, gather_units, labels_sum, rect_sum, shapes_sum
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -254,6 +254,148 @@ def _tiles(shape: tuple[int, int, int], itemsize: int, chunks: Any, block_bytes:
     return tiles
 
 
+def _memory_chunks(data: Any) -> list[list[np.ndarray]] | None:
+    """The chunks of ``data`` (c, y, x) when they are numpy arrays held in its dask graph, else None.
+
+    ``Image2DModel.parse`` (and ``dask.array.from_array``) of an in-memory array stores each chunk as an array in a
+    materialised graph layer: reading them there runs no task and copies nothing. A plain numpy array is one chunk.
+    """
+    if isinstance(data, np.ndarray):
+        return [[data]]
+    if not _is_dask(data) or len(data.chunks[0]) != 1:
+        return None
+    from dask.highlevelgraph import MaterializedLayer
+
+    graph = data.__dask_graph__()
+    layer = getattr(graph, "layers", {}).get(data.name)
+    if not isinstance(layer, MaterializedLayer):  # tasks (zarr reads, map_blocks, slicing) run through dask
+        return None
+    try:
+        from dask._task_spec import DataNode
+    except ImportError:  # pragma: no cover - older dask keeps the arrays themselves in the graph
+        DataNode = None
+    n_c = int(data.shape[0])
+    out = []
+    for iy, h in enumerate(data.chunks[1]):
+        row = []
+        for ix, w in enumerate(data.chunks[2]):
+            value = layer.get((data.name, 0, iy, ix))
+            if DataNode is not None and isinstance(value, DataNode):
+                value = value.value
+            if not isinstance(value, np.ndarray) or value.shape != (n_c, h, w):
+                return None
+            row.append(value)
+        out.append(row)
+    return out
+
+
+def _whole_view(chunks: list[list[np.ndarray]], shape: tuple[int, ...]) -> np.ndarray | None:
+    """The C-contiguous array of which the chunks are exactly the tiles, when they are views of one, else None.
+
+    ``dask.array.from_array`` slices views out of the array it is given; one kernel call over that array reads it
+    once, with no copy (each view alone is not contiguous, so the kernels would copy it).
+    """
+    first = chunks[0][0]
+    strides, dtype = first.strides, first.dtype
+    p0 = first.__array_interface__["data"][0]
+    root = first
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    y = 0
+    for row in chunks:
+        x = 0
+        for b in row:
+            if (
+                b.dtype != dtype
+                or b.strides != strides
+                or b.__array_interface__["data"][0] != (p0 + y * strides[1] + x * strides[2])
+            ):
+                return None
+            base = b
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            if base is not root:
+                return None
+            x += b.shape[2]
+        y += row[0].shape[1]
+    whole = np.lib.stride_tricks.as_strided(first, shape=shape, strides=strides, writeable=False)
+    return whole if whole.flags.c_contiguous else None
+
+
+@dataclass
+class _Raster:
+    """A ``(c, y, x)`` raster read block by block: in-memory chunks as they are, anything else through dask.
+
+    ``data`` is the raster with the selected channels (shape and dtype); ``chunks`` the in-memory chunks with all
+    channels, ``chan`` the channels of a block to aggregate (the selection for in-memory chunks, all otherwise).
+    """
+
+    data: Any
+    chunks: list[list[np.ndarray]] | None
+    chan: np.ndarray
+    y_bounds: np.ndarray
+    x_bounds: np.ndarray
+
+    @classmethod
+    def of(cls, data: Any, index: np.ndarray | None = None) -> _Raster:
+        """Raster of ``data`` (all channels) restricted to channels ``index`` (default all)."""
+        n_c = int(data.shape[0])
+        all_channels = index is None or np.array_equal(index, np.arange(n_c))
+        chunks = _memory_chunks(data)
+        if chunks is None and _is_dask(data) and data.npartitions == 1:  # one chunk is read whole on any access
+            chunks = [[np.asarray(data.compute())]]
+        if chunks is not None and (len(chunks) > 1 or len(chunks[0]) > 1):
+            whole = _whole_view(chunks, tuple(int(v) for v in data.shape))
+            chunks = [[whole]] if whole is not None else chunks
+        if chunks is not None:
+            chan = np.arange(n_c) if all_channels else np.asarray(index, dtype=np.int64)
+            selected = data if all_channels else data[index]
+            y_b = np.r_[0, np.cumsum([row[0].shape[1] for row in chunks])]
+            x_b = np.r_[0, np.cumsum([b.shape[2] for b in chunks[0]])]
+            return cls(selected, chunks, chan.astype(np.int64), y_b.astype(np.int64), x_b.astype(np.int64))
+        selected = data if all_channels else data[index]
+        if _is_dask(selected):
+            y_b, x_b = (np.r_[0, np.cumsum(c)].astype(np.int64) for c in selected.chunks[1:])
+        else:
+            y_b, x_b = np.array([0, selected.shape[1]]), np.array([0, selected.shape[2]])
+        return cls(selected, None, np.arange(selected.shape[0], dtype=np.int64), y_b, x_b)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.data.shape)
+
+    def tiles(self, block_bytes: int, rows: tuple[int, int] | None = None) -> list[tuple[int, ...]]:
+        """Tiles ``(y0, y1, x0, x1)``: the in-memory chunks, else chunk-aligned tiles of at most ``block_bytes``.
+
+        ``rows`` restricts them to one band of chunk rows.
+        """
+        n_c, ny, nx = self.shape
+        if self.chunks is not None:
+            y_b, x_b = self.y_bounds, self.x_bounds
+            return [
+                (int(y_b[i]), int(y_b[i + 1]), int(x_b[j]), int(x_b[j + 1]))
+                for i in range(y_b.size - 1)
+                if rows is None or (y_b[i] >= rows[0] and y_b[i + 1] <= rows[1])
+                for j in range(x_b.size - 1)
+            ]
+        itemsize = 8 if self.data.dtype == np.float64 else 4
+        if rows is None:
+            return _tiles((n_c, ny, nx), itemsize, self.data.chunks if _is_dask(self.data) else None, block_bytes)
+        cw = int(self.data.chunks[2][0]) if _is_dask(self.data) else nx
+        y0, y1 = rows
+        return [(y0, y1, a, b) for a, b in _col_blocks(nx, cw, y1 - y0, n_c, itemsize, block_bytes)]
+
+    def read(self, tiles: list[tuple[int, ...]]) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        """Yield ``(tile, block)``; dask tiles are computed one ahead in a background thread."""
+        if self.chunks is not None:
+            for t in tiles:
+                iy = int(np.searchsorted(self.y_bounds, t[0], side="right")) - 1
+                ix = int(np.searchsorted(self.x_bounds, t[2], side="right")) - 1
+                yield t, _float_block(self.chunks[iy][ix])
+            return
+        yield from _prefetched(self.data, tiles)
+
+
 def _prefetched(data: Any, tiles: list[tuple[int, ...]]) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
     """Yield ``(tile, block)`` with the next block read in a background thread while the caller computes."""
 
@@ -284,28 +426,25 @@ def _progress(iterable: Any, total: int, desc: str, show: bool | None) -> Any:
 
 
 def _grid_bands(
-    data: Any, ye: np.ndarray, xe: np.ndarray, block_bytes: int, show: bool | None, desc: str
+    raster: _Raster, ye: np.ndarray, xe: np.ndarray, block_bytes: int, show: bool | None, desc: str
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Exact-overlap sums over a separable grid, one band of bin rows at a time.
 
-    ``ye``/``xe`` are bin edges in ``data``'s pixel space. Yields ``(r0, r1, sums)`` with ``sums`` of shape
-    ``(c, r1 - r0, len(xe) - 1)`` (float64), memory bounded by the band and one block of ``data``.
+    ``ye``/``xe`` are bin edges in the raster's pixel space. Yields ``(r0, r1, sums)`` with ``sums`` of shape
+    ``(c, r1 - r0, len(xe) - 1)`` (float64), memory bounded by the band and one block of the raster.
     """
-    n_c, ny, nx = (int(v) for v in data.shape)
+    n_c, ny, nx = raster.shape
     nby, nbx = ye.size - 1, xe.size - 1
-    itemsize = 8 if data.dtype == np.float64 else 4
-    dask = _is_dask(data)
-    if dask and data.npartitions == 1:  # one chunk: it is read whole on any access anyway
-        data, dask = data.compute(), False
-    if not dask:
+    if raster.y_bounds.size == 2 and raster.x_bounds.size == 2:  # one block: no bands
+        ((_, block),) = raster.read([(0, ny, 0, nx)])
         out = np.zeros((n_c, nby, nbx))
-        rect_sum(_float_block(data), axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx), out)
+        ty, tx = axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx)
+        rect_sum(block, ty, tx, out, channels=raster.chan)
         yield 0, nby, out
         return
     # one band per chunk row of pixels (each chunk is read once); the bin row cut by a band's lower edge is
     # carried into the next band
-    bounds = np.r_[0, np.cumsum(data.chunks[1])].astype(np.int64)
-    cw = int(data.chunks[2][0])
+    bounds = raster.y_bounds
     pending: tuple[int, np.ndarray] | None = None
     bands = list(zip(bounds[:-1], bounds[1:], strict=True))
     for y0, y1 in _progress(bands, len(bands), desc, show):
@@ -322,15 +461,13 @@ def _grid_bands(
             out[:, 0] += pending[1]
             pending = None
         ty = axis_table(ye[r0:r1] - y0, ye[r0 + 1 : r1 + 1] - y0, y1 - y0)
-        height = int(y1 - y0)
-        tiles = [(y0, y1, a, b) for a, b in _col_blocks(nx, cw, height, n_c, itemsize, block_bytes)]
-        for (_, _, x0, x1), block in _prefetched(data, tiles):
+        for (_, _, x0, x1), block in raster.read(raster.tiles(block_bytes, rows=(int(y0), int(y1)))):
             k0 = max(0, int(np.searchsorted(xe, x0, side="right")) - 1)
             k1 = min(nbx, int(np.searchsorted(xe, x1, side="left")))
             if k1 <= k0:
                 continue
             tx = axis_table(xe[k0:k1] - x0, xe[k0 + 1 : k1 + 1] - x0, x1 - x0)
-            rect_sum(block, ty, tx, out, offset=(0, k0))
+            rect_sum(block, ty, tx, out, offset=(0, k0), channels=raster.chan)
         if y1 < ny and ye[r1] > y1 + 1e-9:  # the last bin row continues in the next band
             pending = (r1 - 1, out[:, -1].copy())
             if r1 - 1 > r0:
@@ -348,7 +485,7 @@ def _grid_bands(
 @dataclass
 class _Map:
     key: str
-    data: Any  # (c, y, x) numpy or dask array of the full-resolution level
+    data: _Raster  # the full-resolution level, selected channels
     channels: list[str]
     channel_index: np.ndarray
     px_area_um2: float | None
@@ -413,12 +550,8 @@ def _check_map(sdata: SpatialData, image_key: str, genes: Any, reduce: str | Non
     if need_um or kind == Attrs.density:
         to_um = to_um_affine(sdata, image_key)
         px_area = float(abs(np.linalg.det(to_um[:2, :2])))
-    data = level.data
-    if _is_dask(data) and data.npartitions == 1:  # one chunk is read whole on any access anyway
-        data = data.compute()
-    if genes is not None:
-        data = data[index]
-    return _Map(image_key, data, [names[i] for i in index], index, px_area, to_um, kind, reduce)
+    raster = _Raster.of(level.data, None if genes is None else index)
+    return _Map(image_key, raster, [names[i] for i in index], index, px_area, to_um, kind, reduce)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -487,22 +620,22 @@ def _bins(
         txe = (xe_um - t_aff[0, 2]) / t_aff[0, 0]
         tye = (ye_um - t_aff[1, 2]) / t_aff[1, 1]
         t_area = np.zeros(keep_grid.shape)
-        for r0, r1, band in _grid_bands(t_data, tye, txe, block_bytes, False, "tissue"):
+        for r0, r1, band in _grid_bands(_Raster.of(t_data), tye, txe, block_bytes, False, "tissue"):
             t_area[r0:r1] = band[0]
         bin_area_t = np.outer(np.diff(tye), np.diff(txe))
         tissue_frac = t_area / bin_area_t
         keep_grid &= t_area > 0
-    rows, cols, xs = [], [], []
+    r, c = np.nonzero(keep_grid)  # the kept bins, row-major: each band's bins are one slice
+    starts = np.searchsorted(r, np.arange(keep_grid.shape[0] + 1))
+    sums = np.empty((r.size, n_c), dtype=np.float32)  # X is float32; keeps memory low
+    filled = np.zeros(keep_grid.shape[0], dtype=bool)
     for r0, r1, band in _grid_bands(m.data, ye, xe, block_bytes, show, f"aggregate {m.key}"):
-        sel = keep_grid[r0:r1]
-        rr, cc = np.nonzero(sel)
-        rows.append(rr + r0)
-        cols.append(cc)
-        xs.append(np.ascontiguousarray(band[:, rr, cc].T, dtype=np.float32))  # X is float32; keeps memory low
-    r = np.concatenate(rows)
-    c = np.concatenate(cols)
-    sums = np.concatenate(xs, axis=0) if xs else np.zeros((0, n_c), dtype=np.float32)
-    del xs
+        k0, k1 = starts[r0], starts[r1]
+        gather_units(band, r[k0:k1] - r0, c[k0:k1], sums[k0:k1])
+        filled[r0:r1] = True
+    if not filled[r].all():
+        msg = "internal: a bin row with kept bins was not aggregated"
+        raise AssertionError(msg)
     if r.size == 0:
         msg = f"No bin of {grid.size:g} µm meets the tissue of {m.key!r}; check `tissue_key` and the grid origin."
         raise InputError(msg)
@@ -626,9 +759,7 @@ def _shapes(
     out = np.zeros((n, n_c))
     wout = np.zeros(n)
     bbox = geometry["bbox"]
-    itemsize = 8 if m.data.dtype == np.float64 else 4
-    chunks = m.data.chunks if _is_dask(m.data) else None
-    tiles = _tiles((n_c, ny, nx), itemsize, chunks, block_bytes)
+    tiles = m.data.tiles(block_bytes)
     hits = [
         np.flatnonzero((bbox[:, 0] < x1) & (bbox[:, 2] > x0) & (bbox[:, 1] < y1) & (bbox[:, 3] > y0))
         for y0, y1, x0, x1 in tiles
@@ -638,8 +769,8 @@ def _shapes(
         msg = f"No shape of {shapes_key!r} meets {m.key!r}; check their transformations."
         raise InputError(msg)
     ids_by_tile = dict(work)
-    for tile, block in _progress(_prefetched(m.data, list(ids_by_tile)), len(work), f"aggregate {m.key}", show):
-        shapes_sum(block, (tile[0], tile[2]), geometry, ids_by_tile[tile], out, wout)
+    for tile, block in _progress(m.data.read(list(ids_by_tile)), len(work), f"aggregate {m.key}", show):
+        shapes_sum(block, (tile[0], tile[2]), geometry, ids_by_tile[tile], out, wout, channels=m.data.chan)
     keep = wout > 0
     if not keep.any():
         msg = f"No shape of {shapes_key!r} meets {m.key!r}; check their transformations."
@@ -689,11 +820,9 @@ def _labels(
     sx, tx, sy, ty = aff[0, 0], aff[0, 2], aff[1, 1], aff[1, 2]
     n_c, ny, nx = (int(v) for v in m.data.shape)
     nly, nlx = (int(v) for v in lab.shape)
-    itemsize = 8 if m.data.dtype == np.float64 else 4
-    chunks = m.data.chunks if _is_dask(m.data) else None
-    tiles = _tiles((n_c, ny, nx), itemsize, chunks, block_bytes)
+    tiles = m.data.tiles(block_bytes)
     parts_ids, parts_sums, parts_geom = [], [], []
-    for (y0, y1, x0, x1), block in _progress(_prefetched(m.data, tiles), len(tiles), f"aggregate {m.key}", show):
+    for (y0, y1, x0, x1), block in _progress(m.data.read(tiles), len(tiles), f"aggregate {m.key}", show):
         ly0 = max(0, math.floor((y0 - ty) / sy))
         ly1 = min(nly, math.ceil((y1 - ty) / sy))
         lx0 = max(0, math.floor((x0 - tx) / sx))
@@ -707,7 +836,7 @@ def _labels(
             continue
         ey = sy * np.arange(ly0, ly1 + 1, dtype=np.float64) + ty - y0
         ex = sx * np.arange(lx0, lx1 + 1, dtype=np.float64) + tx - x0
-        sums, geom = labels_sum(block, compact, ey, ex, uniq.size)
+        sums, geom = labels_sum(block, compact, ey, ex, uniq.size, channels=m.data.chan)
         geom[1] += x0 * geom[0]
         geom[2] += y0 * geom[0]
         parts_ids.append(uniq)
@@ -875,12 +1004,15 @@ def aggregate(
     x, sum_unit = _finish(sums, obs, m)
     params["sum_unit"] = sum_unit
     spatial = obs.pop("spatial")
+    import anndata
     import pandas as pd
 
-    obs_df = pd.DataFrame(obs)
-    obs_df.index = obs_df[Keys.instance_key].astype(str).to_numpy()
+    names = np.array(list(map(str, np.asarray(obs[Keys.instance_key]).tolist())), dtype=object)
+    obs_df = pd.DataFrame(obs, index=pd.Index(names, dtype=object, copy=False))
     obs_df[Keys.region_key] = pd.Categorical.from_codes(np.zeros(len(obs_df), dtype=np.int8), categories=[region])
-    adata = AnnData(X=x, obs=obs_df, var=pd.DataFrame(index=m.channels), obsm={"spatial": spatial})
+    # bin and label ids are unique by construction; a shapes element's index is the user's, so it is checked
+    with anndata.settings.override(check_uniqueness=shapes_key is not None):
+        adata = AnnData(X=x, obs=obs_df, var=pd.DataFrame(index=m.channels), obsm={"spatial": spatial})
     adata.uns[Attrs.root] = params
     # what TableModel.parse writes, without its per-call validation (groupby over millions of bins)
     adata.uns[TableModel.ATTRS_KEY] = {

@@ -1,0 +1,110 @@
+"""Kernel paths beyond the property tests: channel subsets, runs of bin rows sharing pixel rows, unit gathering."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stpredict.kernels import _aggregate as kernels
+from stpredict.kernels import axis_table, gather_units, labels_sum, rect_sum, shapes_sum
+
+
+def _overlap_1d(a: float, b: float, n: int) -> np.ndarray:
+    j = np.arange(n, dtype=np.float64)
+    return np.maximum(0.0, np.minimum(b, j + 1) - np.maximum(a, j))
+
+
+def _brute_rect(img: np.ndarray, ye: np.ndarray, xe: np.ndarray) -> np.ndarray:
+    n_c, ny, nx = img.shape
+    out = np.zeros((n_c, ye.size - 1, xe.size - 1))
+    for r in range(ye.size - 1):
+        wy = _overlap_1d(ye[r], ye[r + 1], ny)
+        for k in range(xe.size - 1):
+            wx = _overlap_1d(xe[k], xe[k + 1], nx)
+            out[:, r, k] = (img * np.outer(wy, wx)[None]).sum(axis=(1, 2))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ny=st.integers(1, 70),
+    nx=st.integers(1, 30),
+    step=st.floats(0.3, 12.0),
+    oy=st.floats(-15.0, 0.0),
+    run_rows=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_runs_of_bin_rows_share_pixel_rows(ny, nx, step, oy, run_rows, seed):
+    # short runs: many tasks, and bin rows whose shared pixel row is carried to the next bin row of the run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "_RUN_ROWS", run_rows)
+        _check_runs(ny, nx, step, oy, seed)
+
+
+def _check_runs(ny, nx, step, oy, seed):
+    rng = np.random.default_rng(seed)
+    img = rng.random((2, ny, nx)).astype(np.float32)
+    ye = oy + step * np.arange(math.ceil((ny - oy) / step) + 2)
+    xe = -0.4 + 3.3 * np.arange(math.ceil((nx + 0.4) / 3.3) + 1)
+    out = np.zeros((2, ye.size - 1, xe.size - 1))
+    rect_sum(img, axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx), out)
+    np.testing.assert_allclose(out, _brute_rect(img.astype(np.float64), ye, xe), rtol=1e-5, atol=1e-6)
+
+
+def test_runs_split_at_width():
+    lo = np.array([0, 3, 7, 8, 20, 21])
+    hi = np.array([4, 8, 9, 20, 22, 30])
+    np.testing.assert_array_equal(kernels._runs(lo, hi, 8), [0, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(kernels._runs(lo, hi, 100), [0, 6])
+    np.testing.assert_array_equal(kernels._runs(lo[:0], hi[:0], 8), [0])
+
+
+def test_channel_subsets_match_the_sliced_raster(rng):
+    img = rng.random((5, 33, 27))
+    chan = np.array([4, 1, 1])
+    ye = -0.7 + 4.1 * np.arange(10)
+    xe = 0.2 + 3.9 * np.arange(8)
+    ty, tx = axis_table(ye[:-1], ye[1:], 33), axis_table(xe[:-1], xe[1:], 27)
+    sub, ref = np.zeros((3, 9, 7)), np.zeros((3, 9, 7))
+    rect_sum(img, ty, tx, sub, channels=chan)
+    rect_sum(np.ascontiguousarray(img[chan]), ty, tx, ref)
+    np.testing.assert_allclose(sub, ref, rtol=1e-12)
+    lab = rng.integers(-1, 6, size=(33, 27))
+    s_sub, g_sub = labels_sum(img, lab, np.arange(34.0), np.arange(28.0), 6, channels=chan)
+    s_ref, g_ref = labels_sum(np.ascontiguousarray(img[chan]), lab, np.arange(34.0), np.arange(28.0), 6)
+    np.testing.assert_allclose(s_sub, s_ref, rtol=1e-12)
+    np.testing.assert_allclose(g_sub, g_ref, rtol=1e-12)
+    geometry = {
+        "kind": np.zeros(2, np.int8),
+        "cx": np.array([10.0, 20.3]),
+        "cy": np.array([12.5, 4.0]),
+        "r": np.array([6.2, 3.1]),
+        "bbox": np.array([[3.8, 6.3, 16.2, 18.7], [17.2, 0.9, 23.4, 7.1]]),
+        "ring_ptr": np.zeros(1, np.int64),
+        "ring_sign": np.zeros(0),
+        "vx": np.zeros(0),
+        "vy": np.zeros(0),
+        "shape_ptr": np.zeros(3, np.int64),
+    }
+    o_sub, w_sub = np.zeros((2, 3)), np.zeros(2)
+    o_ref, w_ref = np.zeros((2, 3)), np.zeros(2)
+    shapes_sum(img, (0, 0), geometry, np.arange(2), o_sub, w_sub, channels=chan)
+    shapes_sum(np.ascontiguousarray(img[chan]), (0, 0), geometry, np.arange(2), o_ref, w_ref)
+    np.testing.assert_allclose(o_sub, o_ref, rtol=1e-12)
+    np.testing.assert_allclose(w_sub, [math.pi * 6.2**2, math.pi * 3.1**2], rtol=1e-9)
+    with pytest.raises(ValueError, match="channels"):
+        rect_sum(img, ty, tx, sub, channels=np.array([5]))
+
+
+def test_gather_units(rng):
+    grid = rng.random((3, 40, 70))
+    rows = rng.integers(0, 40, 1000)
+    cols = rng.integers(0, 70, 1000)
+    out = np.empty((1000, 3), dtype=np.float32)
+    gather_units(grid, rows, cols, out)
+    np.testing.assert_array_equal(out, grid[:, rows, cols].T.astype(np.float32))
+    gather_units(grid, rows[:0], cols[:0], out[:0])
