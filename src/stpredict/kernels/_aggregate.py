@@ -535,34 +535,75 @@ def _shape_weights(s, gx0, gy0, h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
-def _shapes_sum(img, chan, oy, ox, kind, cx, cy, rad, bbox, ring_ptr, ring_sign, vx, vy, shape_ptr, ids, out, wout):
-    n_c, ny, nx = img.shape
-    for t in numba.prange(ids.size):
-        s = ids[t]
-        # bbox in global pixel coordinates, clipped to this block
-        gx0 = max(int(math.floor(bbox[s, 0])), ox)
-        gy0 = max(int(math.floor(bbox[s, 1])), oy)
-        gx1 = min(int(math.ceil(bbox[s, 2])), ox + nx)
-        gy1 = min(int(math.ceil(bbox[s, 3])), oy + ny)
-        if gx1 <= gx0 or gy1 <= gy0:
-            continue
-        h = gy1 - gy0
-        w = gx1 - gx0
-        weights = _shape_weights(s, gx0, gy0, h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx, vy, shape_ptr)
-        total = 0.0
-        for i in range(h):
-            for j in range(w):
-                total += weights[i, j]
-        wout[s] += total
+def _shapes_sum(
+    img, chan, oy, ox, ids, win, band_ptr, kind, cx, cy, rad, ring_ptr, ring_sign, vx, vy, shape_ptr, out, wout
+):
+    # One task per band of shapes (tops within about one window height, sorted by x): the exact weights of the
+    # band's windows (win: x0, y0, x1, y1 in global pixels) are computed once and stay in cache while, channel by
+    # channel, the band's pixel rows are read top to bottom and each row left to right through the windows it
+    # crosses, so the map streams instead of being read in small scattered windows.
+    for b in numba.prange(band_ptr.size - 1):
+        k0 = band_ptr[b]
+        k1 = band_ptr[b + 1]
+        woff = np.empty(k1 - k0 + 1, dtype=np.int64)
+        woff[0] = 0
+        y0 = win[k0, 1]
+        y1 = y0
+        for k in range(k0, k1):
+            woff[k - k0 + 1] = woff[k - k0] + (win[k, 2] - win[k, 0]) * (win[k, 3] - win[k, 1])
+            y0 = min(y0, win[k, 1])
+            y1 = max(y1, win[k, 3])
+        wbuf = np.empty(woff[k1 - k0], dtype=np.float64)
+        for k in range(k0, k1):
+            s = ids[k]
+            h = win[k, 3] - win[k, 1]
+            w = win[k, 2] - win[k, 0]
+            weights = _shape_weights(
+                s, win[k, 0], win[k, 1], h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx, vy, shape_ptr
+            )
+            total = 0.0
+            o = woff[k - k0]
+            for i in range(h):
+                for j in range(w):
+                    total += weights[i, j]
+                    wbuf[o + i * w + j] = weights[i, j]
+            wout[s] += total
+        acc = np.empty(k1 - k0)
         for ci in range(chan.size):
             c = chan[ci]
-            acc = 0.0
-            for i in range(h):
-                row = img[c, gy0 - oy + i, gx0 - ox : gx1 - ox]
-                wrow = weights[i]
-                for j in range(w):  # indices from 0: vectorised
-                    acc += wrow[j] * row[j]
-            out[s, ci] += acc
+            acc[:] = 0.0
+            for y in range(y0, y1):
+                for k in range(k0, k1):
+                    if win[k, 1] <= y < win[k, 3]:
+                        w = win[k, 2] - win[k, 0]
+                        off = woff[k - k0] + (y - win[k, 1]) * w
+                        row = img[c, y - oy, win[k, 0] - ox : win[k, 2] - ox]
+                        wrow = wbuf[off : off + w]
+                        a = 0.0
+                        for j in range(w):  # indices from 0: vectorised
+                            a += wrow[j] * row[j]
+                        acc[k - k0] += a
+            for k in range(k0, k1):
+                out[ids[k], ci] += acc[k - k0]
+
+
+@numba.njit(cache=True)
+def _shape_bands(top, max_rows):
+    # Bands of consecutive shapes (sorted by window top) whose tops lie within max_rows rows.
+    n = top.size
+    band_ptr = np.empty(n + 1, dtype=np.int64)
+    band_ptr[0] = 0
+    nb = 0
+    first = top[0] if n else 0
+    for k in range(1, n):
+        if top[k] - first >= max_rows:
+            nb += 1
+            band_ptr[nb] = k
+            first = top[k]
+    if n:
+        nb += 1
+        band_ptr[nb] = n
+    return band_ptr[: nb + 1].copy()
 
 
 def shapes_sum(
@@ -596,26 +637,33 @@ def shapes_sum(
         Channels of ``img`` to aggregate (default all).
     """
     g = geometry
+    img = np.ascontiguousarray(img)
+    chan = _channels(channels, img.shape[0])
+    oy, ox = int(origin[0]), int(origin[1])
+    _, ny, nx = img.shape
+    ids = np.asarray(ids, dtype=np.int64)
+    bbox = g["bbox"][ids]
+    # each shape's window: its bbox in global pixels, clipped to this block
+    win = np.empty((ids.size, 4), dtype=np.int64)
+    win[:, 0] = np.maximum(np.floor(bbox[:, 0]), ox)
+    win[:, 1] = np.maximum(np.floor(bbox[:, 1]), oy)
+    win[:, 2] = np.minimum(np.ceil(bbox[:, 2]), ox + nx)
+    win[:, 3] = np.minimum(np.ceil(bbox[:, 3]), oy + ny)
+    keep = (win[:, 2] > win[:, 0]) & (win[:, 3] > win[:, 1])
+    ids, win = ids[keep], win[keep]
+    if ids.size == 0:
+        return
+    # bands about one window high, each sorted by x
+    order = np.lexsort((win[:, 0], win[:, 1]))
+    ids, win = ids[order], win[order]
+    band_ptr = _shape_bands(win[:, 1], max(1, int(np.median(win[:, 3] - win[:, 1]))))
+    order = np.lexsort((win[:, 0], np.repeat(np.arange(band_ptr.size - 1), np.diff(band_ptr))))
+    ids, win = ids[order], win[order]
     kernel = _shapes_sum if _parallel_ok() else _shapes_sum_serial
     kernel(
-        np.ascontiguousarray(img),
-        _channels(channels, img.shape[0]),
-        int(origin[0]),
-        int(origin[1]),
-        g["kind"],
-        g["cx"],
-        g["cy"],
-        g["r"],
-        g["bbox"],
-        g["ring_ptr"],
-        g["ring_sign"],
-        g["vx"],
-        g["vy"],
-        g["shape_ptr"],
-        np.asarray(ids, dtype=np.int64),
-        out,
-        wout,
-    )
+        img, chan, oy, ox, ids, win, band_ptr, g["kind"], g["cx"], g["cy"], g["r"], g["ring_ptr"], g["ring_sign"],
+        g["vx"], g["vy"], g["shape_ptr"], out, wout,
+    )  # fmt: skip
 
 
 # Serial twins for threads where numba's threading layer is not thread-safe ("workqueue"): prange runs as range.
