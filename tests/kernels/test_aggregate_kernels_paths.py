@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stpredict.kernels import _aggregate as kernels
-from stpredict.kernels import axis_table, gather_units, labels_sum, rect_sum, shapes_sum
+from stpredict.kernels import axis_table, gather_units, label_lut, labels_sum, rect_sum, shapes_sum
 
 
 def _overlap_1d(a: float, b: float, n: int) -> np.ndarray:
@@ -108,3 +108,26 @@ def test_gather_units(rng):
     gather_units(grid, rows, cols, out)
     np.testing.assert_array_equal(out, grid[:, rows, cols].T.astype(np.float32))
     gather_units(grid, rows[:0], cols[:0], out[:0])
+
+
+def test_labels_sum_reads_raw_ids_through_a_lookup_table(rng):
+    img = rng.random((2, 20, 30))
+    ids = np.array([0, 3, 17, 40])
+    big = np.zeros((25, 40), dtype=np.int32)
+    big[:20, :30] = ids[rng.integers(0, 4, size=(20, 30))]
+    raw = big[:20, :30]  # a strided view: read as it is
+    uniq, lut = label_lut(raw)
+    np.testing.assert_array_equal(uniq, [3, 17, 40])
+    assert lut.size == 41
+    np.testing.assert_array_equal(lut[[0, 3, 17, 40]], [-1, 0, 1, 2])
+    compact = lut[raw]
+    edges_y, edges_x = np.arange(21.0), np.arange(31.0)
+    s_raw, g_raw = labels_sum(img, raw, edges_y, edges_x, 3, lut=lut)
+    s_ref, g_ref = labels_sum(img, compact, edges_y, edges_x, 3)
+    np.testing.assert_allclose(s_raw, s_ref, rtol=1e-12)
+    np.testing.assert_allclose(g_raw, g_ref, rtol=1e-12)
+    np.testing.assert_allclose(s_raw, np.stack([img[:, raw == i].sum(axis=1) for i in (3, 17, 40)], axis=1))
+    assert label_lut(np.array([[0, -2]])) is None  # negative ids: np.unique instead
+    assert label_lut(np.array([[0, 10**9]])) is None  # sparse ids: a table would be larger than the image
+    uniq, lut = label_lut(np.zeros((0, 3), dtype=np.int32))
+    assert uniq.size == 0

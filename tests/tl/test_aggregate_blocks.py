@@ -171,3 +171,29 @@ def test_shapes_and_labels_same_for_every_storage(rng):
     ids = labels.obs["instance_id"].to_numpy()
     expected = np.stack([values[:, lab == i].sum(axis=1) for i in ids])
     np.testing.assert_allclose(labels.X, expected, rtol=1e-5)
+
+
+def test_labels_any_ids_and_storage(rng):
+    values = rng.random((2, 40, 36)).astype(np.float32)
+    small = np.repeat(np.repeat(rng.integers(0, 12, size=(10, 9)), 4, axis=0), 4, axis=1).astype(np.int64)
+    sparse = np.where(small > 0, small * 10**12 + 7, 0)  # ids far beyond the pixel count: np.unique path
+    tables = {}
+    for name, lab in (("dense", small), ("sparse", sparse)):
+        for how in ("array", "views", "tasks"):
+            if how == "array":
+                data = lab
+            elif how == "views":
+                data = da.from_array(lab, chunks=(13, 11))
+            else:
+                data = da.from_array(lab, chunks=(13, 11)).map_blocks(lambda b: b + 0, dtype=lab.dtype)
+            sdata = _sdata(values)
+            sdata.labels["cells"] = Labels2DModel.parse(data, dims=("y", "x"), transformations={"um": Identity()})
+            tables[name, how] = st.tl.aggregate(sdata, "map", labels_key="cells", inplace=False)
+    ref = tables["dense", "array"]
+    ids = ref.obs["instance_id"].to_numpy()
+    np.testing.assert_allclose(ref.X, np.stack([values[:, small == i].sum(axis=1) for i in ids]), rtol=1e-5)
+    for key, table in tables.items():
+        expected_ids = ids * 10**12 + 7 if key[0] == "sparse" else ids
+        np.testing.assert_array_equal(table.obs["instance_id"], expected_ids)
+        np.testing.assert_allclose(table.X, ref.X, rtol=1e-5)
+        np.testing.assert_allclose(table.obsm["spatial"], ref.obsm["spatial"], rtol=1e-9)

@@ -25,6 +25,7 @@ __all__ = [
     "axis_table",
     "circle_pixel_area",
     "gather_units",
+    "label_lut",
     "labels_sum",
     "polygon_pixel_area",
     "rect_sum",
@@ -288,9 +289,9 @@ def rect_sum(
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
-def _labels_sum(img, chan, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, geo, n_chunks, buf, wbuf):
+def _labels_sum(img, chan, lab, lut, base, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, geo, n_chunks, buf, wbuf):
     # buf: (n_chunks, n_channels, n_labels); wbuf: (n_chunks, 3, n_labels) = weight, weight·x, weight·y (first
-    # channel only)
+    # channel only). The compact index of label pixel (ly, lx) is lut[lab[ly, lx] - base] (-1: background).
     n_c = chan.size
     nly = ylo.size
     nlx = xlo.size
@@ -299,10 +300,13 @@ def _labels_sum(img, chan, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, geo,
         ci = t // n_chunks
         c = chan[ci]
         k = t % n_chunks
+        idx_row = np.empty(nlx, dtype=np.int64)
         for ly in range(k * rows_per_chunk, min(nly, (k + 1) * rows_per_chunk)):
+            for lx in range(nlx):
+                idx_row[lx] = lut[lab[ly, lx] - base]
             if ci == 0:  # exact overlap rectangle of each label pixel: area and midpoint
                 for lx in range(nlx):
-                    idx = lab[ly, lx]
+                    idx = idx_row[lx]
                     if idx >= 0:
                         w = geo[0, ly] * geo[1, lx]
                         wbuf[k, 0, idx] += w
@@ -316,10 +320,53 @@ def _labels_sum(img, chan, lab, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, geo,
                     wy = ywhi[ly]
                 row = img[c, y]
                 for lx in range(nlx):
-                    idx = lab[ly, lx]
+                    idx = idx_row[lx]
                     if idx < 0:
                         continue
                     buf[k, ci, idx] += wy * _row_interval(row, xlo[lx], xhi[lx], xwlo[lx], xwhi[lx])
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_range(lab):
+    lo = np.iinfo(np.int64).max
+    hi = np.iinfo(np.int64).min
+    for i in range(lab.shape[0]):
+        for j in range(lab.shape[1]):
+            v = np.int64(lab[i, j])
+            lo = min(lo, v)
+            hi = max(hi, v)
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_lut(lab, hi):
+    present = np.zeros(hi + 1, dtype=np.bool_)
+    for i in range(lab.shape[0]):
+        for j in range(lab.shape[1]):
+            present[lab[i, j]] = True
+    present[0] = False
+    lut = np.full(hi + 1, -1, dtype=np.int64)
+    n = 0
+    for v in range(hi + 1):
+        if present[v]:
+            lut[v] = n
+            n += 1
+    return lut, n
+
+
+def label_lut(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Present non-zero ids (sorted) of a label image and a lookup table id → compact index (-1: absent or 0).
+
+    For non-negative ids up to a few times the number of pixels (one pass, no sort); None otherwise (use
+    ``np.unique``).
+    """
+    if lab.size == 0:
+        return np.zeros(0, dtype=np.int64), np.full(1, -1, dtype=np.int64)
+    lo, hi = _label_range(lab)
+    if lo < 0 or hi >= 4 * lab.size + 1024:
+        return None
+    lut, _ = _label_lut(lab, hi)
+    return np.flatnonzero(lut >= 0), lut
 
 
 def labels_sum(
@@ -329,6 +376,7 @@ def labels_sum(
     x_edges: np.ndarray,
     n_labels: int,
     channels: np.ndarray | None = None,
+    lut: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-label area-weighted sums of ``img`` over label pixels mapped (axis-aligned) onto its pixel grid.
 
@@ -337,18 +385,21 @@ def labels_sum(
     img
         ``(c, ny, nx)`` float32/float64 raster.
     lab
-        ``(nly, nlx)`` int64 compact label index per label pixel, ``-1`` for background.
+        ``(nly, nlx)`` integer compact label index per label pixel, ``-1`` for background; or, with ``lut``, the
+        label ids themselves (any integer dtype, any strides: no copy).
     y_edges, x_edges
         ``nly + 1`` and ``nlx + 1`` increasing edges of the label pixels in ``img``'s pixel space.
     n_labels
         Number of compact labels (``lab.max() + 1``).
     channels
         Channels of ``img`` to aggregate (default all).
+    lut
+        Compact index of each label id ``0 … lab.max()`` (``-1`` for background), e.g. from :func:`label_lut`.
 
     Returns
     -------
-    ``sums`` of shape ``(n_channels, n_labels)`` and ``geom`` of shape ``(3, n_labels)``: overlap area in ``img`` pixels
-    and the area-weighted x and y of the overlap (divide by the area for the exact centroid).
+    ``sums`` of shape ``(n_channels, n_labels)`` and ``geom`` of shape ``(3, n_labels)``: overlap area in ``img``
+    pixels and the area-weighted x and y of the overlap (divide by the area for the exact centroid).
     """
     _, ny, nx = img.shape
     chan = _channels(channels, img.shape[0])
@@ -358,7 +409,11 @@ def labels_sum(
     n_chunks = 1 if n_c >= n_threads else max(1, min(n_threads, lab.shape[0]))
     buf = np.zeros((n_chunks, n_c, n_labels), dtype=np.float64)
     wbuf = np.zeros((n_chunks, 3, n_labels), dtype=np.float64)
-    lab = np.ascontiguousarray(lab, dtype=np.int64)
+    if lut is None:  # compact indices: -1 … n_labels - 1
+        lab = np.asarray(lab)
+        lut, base = np.arange(-1, n_labels, dtype=np.int64), -1
+    else:
+        lut, base = np.asarray(lut, dtype=np.int64), 0
     y_edges = np.asarray(y_edges, dtype=np.float64)
     x_edges = np.asarray(x_edges, dtype=np.float64)
     geo = np.zeros((4, max(lab.shape[0], lab.shape[1])))
@@ -369,7 +424,7 @@ def labels_sum(
     y_table = axis_table(y_edges[:-1], y_edges[1:], ny)
     x_table = axis_table(x_edges[:-1], x_edges[1:], nx)
     kernel = _labels_sum if parallel else _labels_sum_serial
-    kernel(np.ascontiguousarray(img), chan, lab, *y_table, *x_table, geo, n_chunks, buf, wbuf)
+    kernel(np.ascontiguousarray(img), chan, lab, lut, base, *y_table, *x_table, geo, n_chunks, buf, wbuf)
     return buf.sum(axis=0), wbuf.sum(axis=0)
 
 

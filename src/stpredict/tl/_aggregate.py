@@ -40,7 +40,7 @@ from stpredict._keys import Attrs, Keys
 from stpredict._logging import get_logger
 from stpredict._meta import get_element_meta
 from stpredict._settings import settings
-from stpredict.kernels import axis_table, gather_units, labels_sum, rect_sum, shapes_sum
+from stpredict.kernels import axis_table, gather_units, label_lut, labels_sum, rect_sum, shapes_sum
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -255,14 +255,15 @@ def _tiles(shape: tuple[int, int, int], itemsize: int, chunks: Any, block_bytes:
 
 
 def _memory_chunks(data: Any) -> list[list[np.ndarray]] | None:
-    """The chunks of ``data`` (c, y, x) when they are numpy arrays held in its dask graph, else None.
+    """The chunks of ``data`` ((c,) y, x) when they are numpy arrays held in its dask graph, else None.
 
     ``Image2DModel.parse`` (and ``dask.array.from_array``) of an in-memory array stores each chunk as an array in a
     materialised graph layer: reading them there runs no task and copies nothing. A plain numpy array is one chunk.
+    A ``(c, y, x)`` array qualifies only with one chunk along ``c``.
     """
     if isinstance(data, np.ndarray):
         return [[data]]
-    if not _is_dask(data) or len(data.chunks[0]) != 1:
+    if not _is_dask(data) or data.ndim not in (2, 3) or (data.ndim == 3 and len(data.chunks[0]) != 1):
         return None
     from dask.highlevelgraph import MaterializedLayer
 
@@ -274,15 +275,15 @@ def _memory_chunks(data: Any) -> list[list[np.ndarray]] | None:
         from dask._task_spec import DataNode
     except ImportError:  # pragma: no cover - older dask keeps the arrays themselves in the graph
         DataNode = None
-    n_c = int(data.shape[0])
+    lead = (0,) if data.ndim == 3 else ()
     out = []
-    for iy, h in enumerate(data.chunks[1]):
+    for iy, h in enumerate(data.chunks[-2]):
         row = []
-        for ix, w in enumerate(data.chunks[2]):
-            value = layer.get((data.name, 0, iy, ix))
+        for ix, w in enumerate(data.chunks[-1]):
+            value = layer.get((data.name, *lead, iy, ix))
             if DataNode is not None and isinstance(value, DataNode):
                 value = value.value
-            if not isinstance(value, np.ndarray) or value.shape != (n_c, h, w):
+            if not isinstance(value, np.ndarray) or value.shape != (*data.shape[:-2], h, w):
                 return None
             row.append(value)
         out.append(row)
@@ -308,7 +309,7 @@ def _whole_view(chunks: list[list[np.ndarray]], shape: tuple[int, ...]) -> np.nd
             if (
                 b.dtype != dtype
                 or b.strides != strides
-                or b.__array_interface__["data"][0] != (p0 + y * strides[1] + x * strides[2])
+                or b.__array_interface__["data"][0] != (p0 + y * strides[-2] + x * strides[-1])
             ):
                 return None
             base = b
@@ -316,8 +317,8 @@ def _whole_view(chunks: list[list[np.ndarray]], shape: tuple[int, ...]) -> np.nd
                 base = base.base
             if base is not root:
                 return None
-            x += b.shape[2]
-        y += row[0].shape[1]
+            x += b.shape[-1]
+        y += row[0].shape[-2]
     whole = np.lib.stride_tricks.as_strided(first, shape=shape, strides=strides, writeable=False)
     return whole if whole.flags.c_contiguous else None
 
@@ -785,22 +786,33 @@ def _shapes(
     return out[keep], obs
 
 
-def _compact_labels(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted non-zero label ids and an int64 index image (-1 for background)."""
-    lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
-    if lo >= 0 and hi < 4 * lab.size + 1024:  # dense ids: a lookup table, O(n)
-        present = np.bincount(lab.ravel().astype(np.intp, copy=False), minlength=hi + 1) > 0
-        present[0] = False
-        uniq = np.flatnonzero(present)
-        lut = np.full(hi + 1, -1, dtype=np.int64)
-        lut[uniq] = np.arange(uniq.size)
-        return uniq.astype(lab.dtype), lut[lab]
+def _compact_labels(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Sorted non-zero label ids, and the image and lookup table :func:`labels_sum` reads.
+
+    ``(ids, lab, lut)`` for dense non-negative ids (the image as it is, no copy); ``(ids, compact, None)`` otherwise
+    (an int64 index image, -1 for background).
+    """
+    dense = label_lut(lab)
+    if dense is not None:
+        uniq, lut = dense
+        return uniq.astype(lab.dtype), lab, lut
     uniq, inv = np.unique(lab, return_inverse=True)
     compact = inv.reshape(lab.shape).astype(np.int64)
     if uniq[0] == 0:
         compact -= 1
         uniq = uniq[1:]
-    return uniq, compact
+    return uniq, compact, None
+
+
+def _label_image(lab: Any) -> Any:
+    """The label image in memory without a copy where its dask chunks are arrays (one, or views of one)."""
+    chunks = _memory_chunks(lab)
+    if chunks is None:
+        return lab
+    if len(chunks) == 1 and len(chunks[0]) == 1:
+        return chunks[0][0]
+    whole = _whole_view(chunks, tuple(int(v) for v in lab.shape))
+    return whole if whole is not None else lab
 
 
 def _labels(
@@ -809,7 +821,7 @@ def _labels(
     if labels_key not in sdata.labels:
         msg = f"No labels {labels_key!r} in the SpatialData; available labels: {sorted(sdata.labels)}."
         raise KeyError(msg)
-    lab = scale_levels(sdata.labels[labels_key])[0].data
+    lab = _label_image(scale_levels(sdata.labels[labels_key])[0].data)
     aff = affine_between(sdata, labels_key, m.key)
     if not _axis_aligned(aff):
         msg = (
@@ -831,12 +843,12 @@ def _labels(
             continue
         lab_block = lab[ly0:ly1, lx0:lx1]
         lab_block = np.asarray(lab_block.compute() if _is_dask(lab_block) else lab_block)
-        uniq, compact = _compact_labels(lab_block)
+        uniq, compact, lut = _compact_labels(lab_block)
         if uniq.size == 0:
             continue
         ey = sy * np.arange(ly0, ly1 + 1, dtype=np.float64) + ty - y0
         ex = sx * np.arange(lx0, lx1 + 1, dtype=np.float64) + tx - x0
-        sums, geom = labels_sum(block, compact, ey, ex, uniq.size, channels=m.data.chan)
+        sums, geom = labels_sum(block, compact, ey, ex, uniq.size, channels=m.data.chan, lut=lut)
         geom[1] += x0 * geom[0]
         geom[2] += y0 * geom[0]
         parts_ids.append(uniq)
