@@ -8,6 +8,7 @@ import pytest
 
 from stpredict._errors import InputError
 from stpredict.models._data import (
+    CoverTileDataset,
     TileDataset,
     UnitCropDataset,
     augment_geometry,
@@ -198,3 +199,33 @@ def test_split_and_unit_crops() -> None:
     u = np.flatnonzero(va)[0]
     assert item["image"].shape == (3, 16, 16)
     np.testing.assert_array_equal(item["target"], sections[0].units[0].targets[u])
+
+
+@pytest.mark.parametrize(("image_um", "tile_size"), [(1.0, 64), (0.7, 48)])
+def test_cover_supervises_every_unit_exactly_once(image_um, tile_size) -> None:
+    """Validation tiles: each allowed unit once, completely inside its tile, with its own target."""
+    sdata = helpers.make_sdata(size=192, radius=6.0, um_per_px=image_um)
+    sections = _sections(sdata, table_keys=("table", "table"))  # two tables share units: each is covered
+    allowed = sections[0].units[0].allowed.copy()
+    allowed[::3] = False
+    sections = [sections[0].subset([allowed, np.ones_like(allowed)])]
+    ds = CoverTileDataset(sections, model_um_per_px=1.0, tile_size=tile_size, output_stride=2)
+    assert len(ds) < allowed.sum()  # tiles hold several units
+    seen = [[], []]
+    n_map = tile_size // 2
+    for i in range(len(ds)):
+        item = ds[i]
+        for t, (weights, targets) in enumerate(item["tables"]):
+            idx = ds.tiles[i][2][t]
+            seen[t].extend(idx.tolist())
+            # complete footprints: the disk's whole area (in map pixels) lies inside the tile
+            radius_map = 6.0 * image_um / 1.0 / 2  # image px → µm → model px (1 µm) → map px (stride 2)
+            np.testing.assert_allclose(np.asarray(weights.sum(axis=1)).ravel(), np.pi * radius_map**2, rtol=0.03)
+            np.testing.assert_array_equal(targets, sections[0].units[t].targets[idx])
+            assert weights.shape[1] == n_map * n_map
+    assert sorted(seen[0]) == np.flatnonzero(allowed).tolist()
+    assert sorted(seen[1]) == list(range(len(allowed)))
+    np.testing.assert_array_equal(ds[0]["image"], ds[0]["image"])  # fixed tiles, no augmentation
+    capped = CoverTileDataset(sections, model_um_per_px=1.0, tile_size=tile_size, output_stride=2, n_tiles=2)
+    assert len(capped) == 2
+    assert all(any(np.array_equal(c[1], d[1]) for d in ds.tiles) for c in capped.tiles)

@@ -27,6 +27,22 @@ def test_taps_evenly_spaced():
         _taps(4, 6)
 
 
+def test_short_decoder_warns_that_deep_stages_are_left_out(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="stpredict"):
+        enc = build_encoder(
+            "tf_efficientnet_lite0", kwargs={}, decoder_channels=SMALL[:5], output_stride=2, tile_size=64
+        )
+    assert enc.strides == [2, 4, 8, 16]
+    assert "down to stride 32" in caplog.text
+    assert "Give 6 entries" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stpredict"):
+        build_encoder("tf_efficientnet_lite0", kwargs={}, decoder_channels=SMALL, output_stride=2, tile_size=64)
+    assert "leaves out" not in caplog.text
+
+
 @pytest.mark.parametrize("output_stride", [1, 4])
 def test_cnn_pyramid_strides_and_channels(output_stride):
     enc = build_encoder(

@@ -61,6 +61,37 @@ def test_fit_learns_and_restores_best_weights(sdata) -> None:
     assert all(torch.equal(best[k], rerun[k]) for k in best)
 
 
+def test_validation_loss_is_taken_over_all_validation_units(sdata) -> None:
+    """val_loss of the best epoch = the paper loss of the restored weights over every validation unit at once."""
+    from stpredict.models._data import CoverTileDataset, build_sections, collate_tiles, sparse_weights
+    from stpredict.models._footprints import aggregate_map
+    from stpredict.models._losses import paper_loss
+
+    model = helpers.TinyModel(GENES)
+    val = helpers.make_sdata(size=160, seed=5)
+    fit(model, sdata, max_epochs=3, lr=2e-2, validation_data=val, **FAST)
+    hist = model.fit_history
+    sections = build_sections(
+        val, image_key="he", table_keys=["table"], shapes_key=None, genes=GENES, space="normalised"
+    )
+    ds = CoverTileDataset(sections, model_um_per_px=1.0, tile_size=64, output_stride=4, seed=1)
+    batch = collate_tiles([ds[i] for i in range(len(ds))])
+    entry = batch["tables"][0]
+    assert entry["targets"].shape[0] == val.tables["table"].n_obs  # every unit is validated (all fit in a tile)
+    with torch.no_grad():
+        out = model.module(_normalised(batch["image"]))
+        pred = aggregate_map(out, sparse_weights(entry), reduce="mean")
+        expected = float(paper_loss(pred, entry["targets"]))
+    assert hist["val_loss"][hist["best_epoch"]] == pytest.approx(expected, rel=1e-5)
+    assert hist["val_loss"][hist["best_epoch"]] == min(hist["val_loss"])
+
+
+def _normalised(images: torch.Tensor) -> torch.Tensor:
+    from stpredict.models._train import normalize_tiles
+
+    return normalize_tiles(images)
+
+
 def test_fit_density_multiscale() -> None:
     import anndata as ad
     from spatialdata.models import ShapesModel, TableModel

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 __all__ = [
+    "CoverTileDataset",
     "EpochSampler",
     "Section",
     "TileDataset",
@@ -293,6 +294,21 @@ def split_by_position(sections: list[Section], fraction: float) -> tuple[list[Se
 # --- image reading and augmentation --------------------------------------------------------------------------------
 
 
+def _window_on_level(section: Section, x0: float, y0: float, extent: float, size: int) -> tuple[int, int, int, int]:
+    """Pyramid level, first column and row on it, and side in its pixels of the window :func:`read_window` reads."""
+    ratio = extent / size  # full-resolution pixels per tile pixel
+    level = max((k for k, f in enumerate(section.level_factors) if f <= ratio * (1 + 1e-6)), default=0)
+    f = section.level_factors[level]
+    return level, int(np.floor(x0 / f)), int(np.floor(y0 / f)), max(int(np.ceil(extent / f)), 1)
+
+
+def window_geometry(section: Section, x0: float, y0: float, extent: float, size: int) -> tuple[np.ndarray, float]:
+    """The ``(origin, scale)`` that :func:`read_window` returns for this window, without reading it."""
+    level, lx0, ly0, n = _window_on_level(section, x0, y0, extent, size)
+    f = section.level_factors[level]
+    return np.array([lx0 * f, ly0 * f]), size / (n * f)
+
+
 def read_window(
     section: Section, x0: float, y0: float, extent: float, size: int
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -303,12 +319,9 @@ def read_window(
     """
     import torch
 
-    ratio = extent / size  # full-resolution pixels per tile pixel
-    level = max((k for k, f in enumerate(section.level_factors) if f <= ratio * (1 + 1e-6)), default=0)
+    level, lx0, ly0, n = _window_on_level(section, x0, y0, extent, size)
     f = section.level_factors[level]
     array = section.levels[level]
-    lx0, ly0 = int(np.floor(x0 / f)), int(np.floor(y0 / f))
-    n = max(int(np.ceil(extent / f)), 1)
     ny, nx = array.sizes["y"], array.sizes["x"]
     out = np.full((3, n, n), _BACKGROUND, dtype=np.uint8)
     ys, ye = max(ly0, 0), min(ly0 + n, ny)
@@ -450,6 +463,16 @@ class TileDataset:
         section = self.sections[s]
         extent = self.tile_size * self.model_um_per_px / section.image_um_per_px  # full-res pixels
         centre = section.units[t].centers[u] + rng.uniform(-self.jitter, self.jitter, size=2) * extent
+        return self._item(section, centre, rng)
+
+    def _item(
+        self, section: Section, centre: np.ndarray, rng: np.random.Generator, assigned: list[np.ndarray] | None = None
+    ) -> dict[str, Any]:
+        """The tile centred at ``centre`` (full-resolution pixels) and the footprints of its supervised units.
+
+        ``assigned`` gives the supervised units per table; ``None``: every allowed unit completely inside.
+        """
+        extent = self.tile_size * self.model_um_per_px / section.image_um_per_px
         tile, origin, scale = read_window(
             section, centre[0] - extent / 2, centre[1] - extent / 2, extent, self.tile_size
         )
@@ -457,8 +480,8 @@ class TileDataset:
         flip = bool(rng.integers(2)) if self.augment else False
         out_shape = (self.tile_size // self.output_stride,) * 2
         tables = []
-        for unit_set in section.units:
-            idx = self._inside(unit_set, origin, scale)
+        for t, unit_set in enumerate(section.units):
+            idx = self._inside(unit_set, origin, scale) if assigned is None else assigned[t]
             if len(idx) > self.max_units_per_tile:
                 idx = np.sort(rng.choice(idx, self.max_units_per_tile, replace=False))
             centers = (unit_set.centers[idx] - origin) * scale
@@ -494,6 +517,88 @@ class TileDataset:
         hi = (unit_set.centers[idx] + unit_set.half_sizes[idx] - origin) * scale
         ok = np.all(lo >= 0, axis=1) & np.all(hi <= self.tile_size, axis=1)
         return idx[ok]
+
+
+class CoverTileDataset(TileDataset):
+    """Fixed, unaugmented tiles that supervise every allowed unit exactly once (for validation).
+
+    Tiles are placed greedily: in row-major order of the units, a tile is centred on the first unit not yet
+    assigned, and takes every unassigned allowed unit (of every table) completely inside it. Units larger than a
+    tile cannot be supervised and are left out. With ``n_tiles`` smaller than the cover, a seeded random subset of
+    the cover's tiles is kept.
+
+    Parameters
+    ----------
+    sections, model_um_per_px, tile_size, output_stride, max_units_per_tile, seed
+        As for :class:`TileDataset`.
+    n_tiles
+        Most tiles to keep (``None``: the whole cover).
+    """
+
+    def __init__(
+        self,
+        sections: list[Section],
+        *,
+        model_um_per_px: float,
+        tile_size: int,
+        output_stride: int,
+        n_tiles: int | None = None,
+        seed: int = 0,
+        max_units_per_tile: int = 2048,
+    ) -> None:
+        super().__init__(
+            sections,
+            model_um_per_px=model_um_per_px,
+            tile_size=tile_size,
+            output_stride=output_stride,
+            n_tiles=1,
+            seed=seed,
+            augment=False,
+            jitter=0.0,
+            max_units_per_tile=max_units_per_tile,
+        )
+        cover = [tile for s, section in enumerate(sections) for tile in self._cover(s, section)]
+        if n_tiles is not None and len(cover) > n_tiles:
+            keep = np.random.default_rng([self.seed, 1]).choice(len(cover), int(n_tiles), replace=False)
+            cover = [cover[i] for i in np.sort(keep)]
+        self.tiles = cover
+        self.n_tiles = len(cover)
+
+    def _cover(self, s: int, section: Section) -> list[tuple[int, np.ndarray, list[np.ndarray]]]:
+        extent = self.tile_size * self.model_um_per_px / section.image_um_per_px
+        free = [unit_set.allowed.copy() for unit_set in section.units]
+        order = [
+            (t, int(u))
+            for t, unit_set in enumerate(section.units)
+            for u in np.flatnonzero(unit_set.allowed)[
+                np.lexsort((unit_set.centers[unit_set.allowed, 0], unit_set.centers[unit_set.allowed, 1]))
+            ]
+        ]
+        tiles = []
+        for t, u in order:
+            if not free[t][u]:
+                continue
+            centre = section.units[t].centers[u].copy()
+            origin, scale = window_geometry(
+                section, centre[0] - extent / 2, centre[1] - extent / 2, extent, self.tile_size
+            )
+            assigned = []
+            for tt, unit_set in enumerate(section.units):
+                idx = self._inside(unit_set, origin, scale)
+                idx = idx[free[tt][idx]]
+                free[tt][idx] = False
+                assigned.append(idx)
+            free[t][u] = False  # a unit larger than the tile is never inside one: drop it
+            if any(len(a) for a in assigned):
+                tiles.append((s, centre, assigned))
+        return tiles
+
+    def __len__(self) -> int:
+        return self.n_tiles
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s, centre, assigned = self.tiles[int(index)]
+        return self._item(self.sections[s], centre, np.random.default_rng([self.seed, int(index)]), assigned)
 
 
 class UnitCropDataset:

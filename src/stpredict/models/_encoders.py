@@ -256,7 +256,14 @@ def build_encoder(
     if kind == "cnn":
         backbone = timm.create_model(arch, pretrained=False, features_only=True, **kwargs)
         deepest = max(backbone.feature_info.reduction())
-        n_levels = min(n_levels, int(math.log2(deepest)) + 1)
+        available = int(math.log2(deepest)) + 1
+        if n_levels < available:
+            logger.warning(
+                "decoder_channels has %d entries (strides 1 to %d), so the decoder leaves out %s's deeper stages "
+                "down to stride %d, its most semantic features. Give %d entries to use them all.",
+                n_levels, 2 ** (n_levels - 1), arch, deepest, available,
+            )  # fmt: skip
+        n_levels = min(n_levels, available)
     elif kind == "vit":
         vit_kwargs = {
             "img_size": tile_size,

@@ -19,6 +19,7 @@ from stpredict._logging import get_logger
 from stpredict._settings import settings
 
 from ._data import (
+    CoverTileDataset,
     EpochSampler,
     TileDataset,
     UnitCropDataset,
@@ -156,7 +157,8 @@ def _lightning_classes() -> tuple[type, type]:
                         sub.eval()
             return self
 
-        def _step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        def _predictions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+            """The map of a batch, and per table the aggregated predictions and targets of its units."""
             preprocess = getattr(self.module, "preprocess", None)
             x = preprocess(batch["image"]) if callable(preprocess) else normalize_tiles(batch["image"])
             out = self.module(x)
@@ -169,29 +171,39 @@ def _lightning_classes() -> tuple[type, type]:
                         "for value_kind='density'."
                     )
                     raise InputError(msg)
-            total = out.new_zeros((), dtype=torch.float32)
-            n_units = 0
+            pairs = []
             if self.inputs == "tiles":
                 for entry in batch["tables"]:
                     if entry is None:
+                        pairs.append((out.new_zeros((0, out.shape[1])), out.new_zeros((0, out.shape[1]))))
                         continue
                     weights, target = sparse_weights(entry), entry["targets"]
-                    pred = aggregate_map(out, weights, reduce=self.reduce, pixel_area=self.pixel_area)
-                    total = total + self._loss(pred, target)
-                    n_units += target.shape[0]
+                    pairs.append((aggregate_map(out, weights, reduce=self.reduce, pixel_area=self.pixel_area), target))
             else:
                 pred = out.float().reshape(out.shape[0], -1)
                 for t in range(self.n_tables):
                     mask = batch["table"] == t
-                    if bool(mask.any()):
-                        total = total + self._loss(pred[mask], batch["target"][mask])
-                        n_units += int(mask.sum())
+                    pairs.append((pred[mask], batch["target"][mask]))
+            return out, pairs
+
+        def _total_loss(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor) -> torch.Tensor:
+            """Sum over tables of the loss of their units; zero (with a graph) when no table has a unit."""
+            total = out.new_zeros((), dtype=torch.float32)
+            n_units = 0
+            for pred, target in pairs:
+                if target.shape[0]:
+                    total = total + self._loss(pred, target)
+                    n_units += target.shape[0]
             if n_units == 0:  # no complete unit in this batch: a zero loss that still has a graph
                 total = total + 0.0 * out.float().sum()
-            return total, n_units
+            return total
+
+        def _step(self, batch: dict[str, Any]) -> torch.Tensor:
+            out, pairs = self._predictions(batch)
+            return self._total_loss(pairs, out)
 
         def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-            loss, _ = self._step(batch)
+            loss = self._step(batch)
             self.log(
                 "train_loss",
                 loss,
@@ -203,9 +215,24 @@ def _lightning_classes() -> tuple[type, type]:
             )
             return loss
 
+        def on_validation_epoch_start(self) -> None:
+            self._val_pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(self.n_tables)]
+
         def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-            loss, _ = self._step(batch)
-            self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
+            _, pairs = self._predictions(batch)
+            for store, (pred, target) in zip(self._val_pairs, pairs, strict=True):
+                store.append((pred.detach().float(), target.detach().float()))
+
+        def on_validation_epoch_end(self) -> None:
+            """The loss over all validation units at once (the PCC term across every unit, not per batch)."""
+            pairs = [
+                (torch.cat([p for p, _ in store]), torch.cat([t for _, t in store]))
+                for store in self._val_pairs
+                if store
+            ]
+            ref = pairs[0][0] if pairs else torch.zeros(1, device=self.device)
+            self.log("val_loss", self._total_loss(pairs, ref), prog_bar=True, sync_dist=True)
+            self._val_pairs = [[] for _ in range(self.n_tables)]
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             params = [p for p in self.parameters() if p.requires_grad]
@@ -384,7 +411,9 @@ def fit(
     validation_fraction
         Without ``validation_data``: hold out the right-most fraction of each section (a contiguous block).
     validation_tiles
-        Fixed validation tiles (default: a quarter of ``tiles_per_epoch``, at least one batch).
+        Most validation tiles (crops for unit models). Default: as many as it takes to supervise every validation
+        unit exactly once. The validation loss is computed over all validation units at once, so its PCC term is
+        taken across every unit rather than averaged over batches.
     patience
         Epochs without validation improvement before stopping.
     seed
@@ -456,7 +485,6 @@ def fit(
     elif validation_fraction > 0:
         sections, val_sections = split_by_position(sections, validation_fraction)
 
-    n_val = validation_tiles if validation_tiles is not None else max(tiles_per_epoch // 4, batch_size)
     if inputs == "tiles":
         common = {
             "model_um_per_px": model.um_per_px,
@@ -467,14 +495,14 @@ def fit(
         train_ds = TileDataset(sections, n_tiles=tiles_per_epoch, seed=seed, augment=augment, **common)
         val_ds = None
         if val_sections is not None:
-            val_ds = TileDataset(val_sections, n_tiles=n_val, seed=seed + 1, augment=False, **common)
+            val_ds = CoverTileDataset(val_sections, n_tiles=validation_tiles, seed=seed + 1, **common)
         collate = collate_tiles
     else:
         common = {"model_um_per_px": model.um_per_px, "crop_size": model.crop_size}
         train_ds = UnitCropDataset(sections, n_items=tiles_per_epoch, seed=seed, augment=augment, **common)
         val_ds = None
         if val_sections is not None:
-            val_ds = UnitCropDataset(val_sections, n_items=n_val, seed=seed + 1, augment=False, **common)
+            val_ds = UnitCropDataset(val_sections, n_items=validation_tiles, seed=seed + 1, augment=False, **common)
         collate = collate_units
 
     loader_kwargs = {"batch_size": batch_size, "collate_fn": collate, "num_workers": num_workers}
