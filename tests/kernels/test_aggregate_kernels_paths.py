@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stpredict.kernels import _aggregate as kernels
-from stpredict.kernels import axis_table, gather_units, label_lut, labels_sum, rect_sum, shapes_sum
+from stpredict.kernels import (
+    axis_table,
+    circle_pixel_area,
+    gather_units,
+    label_lut,
+    labels_sum,
+    rect_sum,
+    shapes_sum,
+)
 
 
 def _overlap_1d(a: float, b: float, n: int) -> np.ndarray:
@@ -131,3 +139,30 @@ def test_labels_sum_reads_raw_ids_through_a_lookup_table(rng):
     assert label_lut(np.array([[0, 10**9]])) is None  # sparse ids: a table would be larger than the image
     uniq, lut = label_lut(np.zeros((0, 3), dtype=np.int32))
     assert uniq.size == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    r=st.one_of(st.floats(0.0, 30.0), st.integers(0, 12).map(float), st.sampled_from([0.5, 1e-9])),
+    cx=st.one_of(st.floats(-4.0, 4.0), st.integers(-4, 4).map(float), st.integers(-4, 4).map(lambda v: v + 0.5)),
+    cy=st.one_of(st.floats(-4.0, 4.0), st.integers(-4, 4).map(float), st.integers(-4, 4).map(lambda v: v + 0.5)),
+    pad=st.integers(0, 2),
+)
+def test_circle_window_weights_equal_circle_pixel_area_bit_for_bit(r, cx, cy, pad):
+    # the per-window weights reuse the quadrant terms of shared pixel corners: same numbers, not just close ones
+    gx0, gy0 = math.floor(cx - r) - pad, math.floor(cy - r) - pad
+    w, h = math.ceil(cx + r) - gx0 + pad, math.ceil(cy + r) - gy0 + pad
+    weights = np.zeros((h, w))
+    kernels._circle_weights(cx, cy, r, gx0, gy0, h, w, weights)
+    ref = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            px, py = gx0 + j, gy0 + i
+            outside = max(0.0, px - cx, cx - px - 1.0) ** 2 + max(0.0, py - cy, cy - py - 1.0) ** 2 >= r * r
+            inside = max(abs(px - cx), abs(px + 1.0 - cx)) ** 2 + max(abs(py - cy), abs(py + 1.0 - cy)) ** 2 <= r * r
+            if inside:
+                ref[i, j] = 1.0
+            elif not outside:
+                ref[i, j] = circle_pixel_area(cx, cy, r, float(px), float(py), px + 1.0, py + 1.0)
+    np.testing.assert_array_equal(weights, ref)
+    assert weights.sum() == pytest.approx(math.pi * r * r, rel=1e-9, abs=1e-12)

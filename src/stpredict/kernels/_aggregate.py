@@ -549,25 +549,95 @@ def polygon_pixel_area(xs, ys, x0, y0, x1, y1):
     return abs(_clip_area(xs, ys, x0, y0, x1, y1, bx, by, tx, ty))
 
 
+@numba.njit(inline="always")
+def _ci_pre(a, pa, b, pb, r):
+    # _chord_integral(a, b, r) with _prim of the clamped a and b given
+    a = min(max(a, -r), r)
+    b = min(max(b, -r), r)
+    if b <= a:
+        return 0.0
+    return pb - pa
+
+
+@numba.njit(inline="always")
+def _quadrant_pre(x, y, r, xc, pxc, w, pw, pmw, pmr):
+    # _quadrant(x, y, r) step for step, with the square roots and arcsines of its chord integrals precomputed:
+    # xc = min(x, r) and pxc = _prim(clamped xc) per corner column; w = sqrt(r² - y²), pw, pmw = _prim(clamped ±w)
+    # per corner row; pmr = _prim(-r). Every _prim argument of _quadrant is one of -r, xc, ±w (min picks one).
+    if x <= -r or y <= -r:
+        return 0.0
+    if y >= r:
+        return 2.0 * _ci_pre(-r, pmr, xc, pxc, r)
+    if y >= 0.0:
+        lo = min(xc, -w)
+        area = 2.0 * _ci_pre(-r, pmr, lo, pxc if lo == xc else pmw, r)
+        if xc > -w:
+            hi = min(xc, w)
+            area += y * (hi + w) + _ci_pre(-w, pmw, hi, pxc if hi == xc else pw, r)
+        if xc > w:
+            area += 2.0 * _ci_pre(w, pw, xc, pxc, r)
+        return area
+    if xc <= -w:
+        return 0.0
+    hi = min(xc, w)
+    return y * (hi + w) + _ci_pre(-w, pmw, hi, pxc if hi == xc else pw, r)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=False)  # exact areas: no reassociation
+def _circle_weights(cx, cy, r, gx0, gy0, h, w, weights):
+    # weights[i, j] = circle_pixel_area(cx, cy, r, gx0 + j, gy0 + i, gx0 + j + 1, gy0 + i + 1), bit for bit: the
+    # same quadrant terms, with the transcendental parts computed once per corner column and row instead of for
+    # each of the four corners of each pixel the circle cuts.
+    if not r > 0.0:  # an empty circle covers nothing (as circle_pixel_area says)
+        return
+    r2 = r * r
+    xs = np.empty(w + 1)
+    xc = np.empty(w + 1)
+    pxc = np.empty(w + 1)
+    for j in range(w + 1):
+        xs[j] = (gx0 + j) - cx
+        xc[j] = min(xs[j], r)
+        pxc[j] = _prim(min(max(xc[j], -r), r), r) if xs[j] > -r else 0.0
+    ys = np.empty(h + 1)
+    wr = np.empty(h + 1)
+    pw = np.empty(h + 1)
+    pmw = np.empty(h + 1)
+    for i in range(h + 1):
+        ys[i] = (gy0 + i) - cy
+        if -r < ys[i] < r:
+            wr[i] = math.sqrt(r * r - ys[i] * ys[i])
+            pw[i] = _prim(min(max(wr[i], -r), r), r)
+            pmw[i] = _prim(min(max(-wr[i], -r), r), r)
+        else:
+            wr[i] = pw[i] = pmw[i] = 0.0
+    pmr = _prim(-r, r)
+    for i in range(h):
+        py = gy0 + i
+        for j in range(w):
+            px = gx0 + j
+            # whole pixels inside or outside need no integral
+            fx = max(abs(px - cx), abs(px + 1.0 - cx))
+            fy = max(abs(py - cy), abs(py + 1.0 - cy))
+            nx_ = max(0.0, max(px - cx, cx - px - 1.0))
+            ny_ = max(0.0, max(py - cy, cy - py - 1.0))
+            if fx * fx + fy * fy <= r2:
+                weights[i, j] = 1.0
+            elif nx_ * nx_ + ny_ * ny_ < r2:
+                q11 = _quadrant_pre(
+                    xs[j + 1], ys[i + 1], r, xc[j + 1], pxc[j + 1], wr[i + 1], pw[i + 1], pmw[i + 1], pmr
+                )
+                q01 = _quadrant_pre(xs[j], ys[i + 1], r, xc[j], pxc[j], wr[i + 1], pw[i + 1], pmw[i + 1], pmr)
+                q10 = _quadrant_pre(xs[j + 1], ys[i], r, xc[j + 1], pxc[j + 1], wr[i], pw[i], pmw[i], pmr)
+                q00 = _quadrant_pre(xs[j], ys[i], r, xc[j], pxc[j], wr[i], pw[i], pmw[i], pmr)
+                weights[i, j] = max(0.0, q11 - q01 - q10 + q00)
+
+
 @numba.njit(cache=True, nogil=True, fastmath=False)  # exact areas: no reassociation
 def _shape_weights(s, gx0, gy0, h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx, vy, shape_ptr):
     # Exact area of shape s in each pixel of the (h, w) window at global pixel (gy0, gx0).
     weights = np.zeros((h, w), dtype=np.float64)
     if kind[s] == 0:
-        r2 = rad[s] * rad[s]
-        for i in range(h):
-            for j in range(w):
-                px = gx0 + j
-                py = gy0 + i
-                # whole pixels inside or outside need no integral
-                fx = max(abs(px - cx[s]), abs(px + 1.0 - cx[s]))
-                fy = max(abs(py - cy[s]), abs(py + 1.0 - cy[s]))
-                nx_ = max(0.0, max(px - cx[s], cx[s] - px - 1.0))
-                ny_ = max(0.0, max(py - cy[s], cy[s] - py - 1.0))
-                if fx * fx + fy * fy <= r2:
-                    weights[i, j] = 1.0
-                elif nx_ * nx_ + ny_ * ny_ < r2:
-                    weights[i, j] = circle_pixel_area(cx[s], cy[s], rad[s], px, py, px + 1.0, py + 1.0)
+        _circle_weights(cx[s], cy[s], rad[s], gx0, gy0, h, w, weights)
         return weights
     m = 8
     for ring in range(shape_ptr[s], shape_ptr[s + 1]):
