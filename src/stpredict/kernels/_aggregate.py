@@ -20,6 +20,10 @@ import threading
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 __all__ = [
     "axis_table",
@@ -57,6 +61,29 @@ def axis_table(starts: np.ndarray, ends: np.ndarray, n: int) -> tuple[np.ndarray
     w_lo = np.where(empty, 0.0, w_lo)
     w_hi = np.where(empty, 0.0, w_hi)
     return lo, hi, w_lo, w_hi
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the CPU to bring ``arr[idx]`` (a 1-D array) into cache (``llvm.prefetch``; never faults, no effect)."""
+    if not isinstance(arr, types.Array) or arr.ndim != 1:
+        return None
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False, boundscheck=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        # read, high temporal locality, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @numba.njit(inline="always")
@@ -173,10 +200,25 @@ def _rect_sum_parallel(img, chan, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, gr
                             nxt[i] = wn * r0[i]
                 elif first:
                     buf[:] = 0.0
+                # the next bin row's pixel rows are prefetched, a few cache lines per bin, while this one's bins are
+                # summed from the buffer, so the memory reads go on during that computation
+                pf0 = hi
+                pf1 = hi
+                if by + 1 < r_b and yhi[by + 1] > ylo[by + 1]:
+                    pf0 = max(hi, ylo[by + 1])
+                    pf1 = yhi[by + 1]
+                lines = (x1 - x0 + 15) // 16
+                n_pf = (pf1 - pf0) * lines
+                per_bin = n_pf // (b1 - b0) + 1
+                q = 0
                 for bx in range(b0, b1):
                     out[ci, by + by_off, bx + bx_off] += _row_interval(
                         buf, xlo[bx] - x0, xhi[bx] - x0, xwlo[bx], xwhi[bx]
                     )
+                    for _ in range(per_bin):
+                        if q < n_pf:
+                            _prefetch(img[c, pf0 + q // lines], min(x0 + (q % lines) * 16, x1 - 1))
+                            q += 1
                 if share:
                     buf, nxt = nxt, buf
                 carried = share
