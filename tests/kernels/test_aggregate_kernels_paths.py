@@ -116,6 +116,13 @@ def test_gather_units(rng):
     gather_units(grid, rows, cols, out)
     np.testing.assert_array_equal(out, grid[:, rows, cols].T.astype(np.float32))
     gather_units(grid, rows[:0], cols[:0], out[:0])
+    view = grid[:, 5:30]  # not contiguous
+    gather_units(view, rows % 25, cols, out)
+    np.testing.assert_array_equal(out, view[:, rows % 25, cols].T.astype(np.float32))
+    with pytest.raises(ValueError, match="index"):
+        gather_units(grid, rows - 1, cols, out)
+    with pytest.raises(ValueError, match="out must be"):
+        gather_units(grid, rows, cols, out[:10])
 
 
 def test_labels_sum_reads_raw_ids_through_a_lookup_table(rng):

@@ -227,16 +227,22 @@ def _rect_sum_parallel(img, chan, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, gr
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _gather_units(grid, rows, cols, out):
     # out[k, c] = grid[c, rows[k], cols[k]], in blocks of units so that reads run along grid rows and the strided
-    # writes stay in cache
+    # writes stay in cache; unsigned flat indices (validated by the caller) need no negative-index handling
     n = rows.size
     n_c = grid.shape[0]
+    nbx = grid.shape[2]
+    flat = grid.reshape(n_c, grid.shape[1] * nbx)
     step = 256
     for t in numba.prange((n + step - 1) // step):
         k0 = t * step
         k1 = min(n, k0 + step)
+        idx = np.empty(k1 - k0, dtype=np.uint64)
+        for k in range(k0, k1):
+            idx[k - k0] = np.uint64(rows[k] * nbx + cols[k])
         for c in range(n_c):
-            for k in range(k0, k1):
-                out[k, c] = grid[c, rows[k], cols[k]]
+            src = flat[c]
+            for k in range(k1 - k0):
+                out[k0 + k, c] = src[idx[k]]
 
 
 def gather_units(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> None:
@@ -248,6 +254,14 @@ def gather_units(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.n
     cols = np.asarray(cols, dtype=np.int64)
     if rows.size == 0:
         return
+    n_c, n_rows, n_cols = grid.shape
+    if out.shape != (rows.size, n_c) or cols.shape != rows.shape:
+        msg = f"out must be (len(rows), {n_c}) and cols like rows, got {out.shape}, {rows.shape}, {cols.shape}."
+        raise ValueError(msg)
+    if rows.min() < 0 or rows.max() >= n_rows or cols.min() < 0 or cols.max() >= n_cols:
+        msg = f"rows and cols must index the grid's {n_rows} × {n_cols} units."
+        raise ValueError(msg)
+    grid = np.ascontiguousarray(grid)
     if _parallel_ok():
         _gather_units(grid, rows, cols, out)
     else:
