@@ -118,7 +118,8 @@ _RUN_ROWS = 64
 @numba.njit(inline="always")
 def _stream_rows(img, c, y, end, x0, x1, lo, hi, wl, wh, buf, first):
     # buf (+)= Σ_{y <= row < end} weight(row) · img[c, row, x0:x1], four rows per pass over the buffer (a quarter of
-    # its loads and stores); ``first`` assigns instead of adding (no zeroing pass). Returns whether buf is still empty.
+    # its loads and stores), the last one to three rows in one pass; ``first`` assigns instead of adding (no zeroing
+    # pass). Returns whether buf is still empty.
     while y + 4 <= end:
         w0 = _row_weight(y, lo, hi, wl, wh)
         w1 = _row_weight(y + 1, lo, hi, wl, wh)
@@ -136,7 +137,34 @@ def _stream_rows(img, c, y, end, x0, x1, lo, hi, wl, wh, buf, first):
             for i in range(r0.size):
                 buf[i] += (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
         y += 4
-    while y < end:
+    rest = end - y  # 0-3 rows left: one more pass
+    if rest == 3:
+        w0 = _row_weight(y, lo, hi, wl, wh)
+        w1 = _row_weight(y + 1, lo, hi, wl, wh)
+        w2 = _row_weight(y + 2, lo, hi, wl, wh)
+        r0 = img[c, y, x0:x1]
+        r1 = img[c, y + 1, x0:x1]
+        r2 = img[c, y + 2, x0:x1]
+        if first:
+            for i in range(r0.size):
+                buf[i] = (w0 * r0[i] + w1 * r1[i]) + w2 * r2[i]
+            first = False
+        else:
+            for i in range(r0.size):
+                buf[i] += (w0 * r0[i] + w1 * r1[i]) + w2 * r2[i]
+    elif rest == 2:
+        w0 = _row_weight(y, lo, hi, wl, wh)
+        w1 = _row_weight(y + 1, lo, hi, wl, wh)
+        r0 = img[c, y, x0:x1]
+        r1 = img[c, y + 1, x0:x1]
+        if first:
+            for i in range(r0.size):
+                buf[i] = w0 * r0[i] + w1 * r1[i]
+            first = False
+        else:
+            for i in range(r0.size):
+                buf[i] += w0 * r0[i] + w1 * r1[i]
+    elif rest == 1:
         w0 = _row_weight(y, lo, hi, wl, wh)
         r0 = img[c, y, x0:x1]
         if first:
@@ -146,7 +174,6 @@ def _stream_rows(img, c, y, end, x0, x1, lo, hi, wl, wh, buf, first):
         else:
             for i in range(r0.size):
                 buf[i] += w0 * r0[i]
-        y += 1
     return first
 
 

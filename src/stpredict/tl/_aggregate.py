@@ -13,6 +13,13 @@ Value semantics (``reduce``)
     for a map with no declared kind it is ``Σ v·a`` with ``a`` in pixels (a plain pixel sum, like
     ``spatialdata.aggregate``). ``uns["stpredict"]["sum_unit"]`` records which.
 
+Reading the map
+    A map held in memory is read where it is: ``Image2DModel.parse`` of a numpy array gives a dask array whose
+    chunks are views of that array, so the kernels run once over the array itself (no copy, no dask task); chunks
+    that are separate in-memory arrays are passed to the kernels one by one, as they are. Any other dask array
+    (zarr-backed, computed lazily) is read in chunk-aligned blocks of at most ``block_bytes``, the next block
+    computed in a background thread while the kernels work on the current one.
+
 Pyramids
     Only the full-resolution level is read: spatialdata builds coarser levels by resampling, which is not the
     exact area mean, so no coarser level gives a result identical to the finest one.
@@ -956,7 +963,7 @@ def aggregate(
     force
         Allow the reduction that does not fit the map's declared value kind.
     block_bytes
-        Bytes of the map read at a time.
+        Bytes of the map read at a time when it is not in memory (a map in memory is read where it is).
     inplace
         Write the table (and the bins shapes) into ``sdata``; otherwise return the table and write nothing.
     show_progress_bar
