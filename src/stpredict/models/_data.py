@@ -327,7 +327,12 @@ def read_window(
     ys, ye = max(ly0, 0), min(ly0 + n, ny)
     xs, xe = max(lx0, 0), min(lx0 + n, nx)
     if ye > ys and xe > xs:
-        window = np.asarray(array.data[:, ys:ye, xs:xe])
+        window = array.data[:, ys:ye, xs:xe]
+        if hasattr(window, "compute"):
+            # In this thread: DataLoader workers are forked, and a forked child has no threads of the parent's
+            # dask pool to wait on (the threaded scheduler hangs there forever).
+            window = window.compute(scheduler="synchronous")
+        window = np.asarray(window)
         out[:, ys - ly0 : ye - ly0, xs - lx0 : xe - lx0] = window.astype(np.uint8, copy=False)
     if n != size:
         t = torch.from_numpy(out).float()[None]

@@ -426,7 +426,7 @@ def fit(
     precision
         Lightning precision; default ``"bf16-mixed"``/``"16-mixed"`` on CUDA, ``"32-true"`` elsewhere.
     num_workers
-        DataLoader worker processes reading tiles; only without validation for now (0 with validation).
+        DataLoader worker processes reading training tiles (the same tiles and the same model as with 0).
     show_progress_bar
         Progress bar with the loss; default ``settings.show_progress_bar``.
     trainer_kwargs
@@ -449,14 +449,6 @@ def fit(
         msg = (
             "genes differ from model.var_names; the network's output channels are fixed when the model is built. "
             "Build the model with these genes instead."
-        )
-        raise InputError(msg)
-    if num_workers > 0 and (validation_data is not None or validation_fraction > 0):
-        # Seen here: Lightning terminates the training loader's workers in the second epoch when a validation
-        # loop runs between epochs; refuse rather than crash mid-training.
-        msg = (
-            "num_workers > 0 together with validation is not supported yet (the loader's worker processes get "
-            "terminated after the first validation). Use num_workers=0 with validation, or drop validation."
         )
         raise InputError(msg)
     loss, reduce = _check_mode(model.value_kind, loss, reduce)
