@@ -349,7 +349,9 @@ class _Raster:
         """Raster of ``data`` (all channels) restricted to channels ``index`` (default all)."""
         n_c = int(data.shape[0])
         all_channels = index is None or np.array_equal(index, np.arange(n_c))
-        chunks = _memory_chunks(data)
+        # in-memory chunks are used as they are only when the kernels can read them (float): any other dtype is
+        # converted block by block through dask, so the float copy stays within block_bytes
+        chunks = _memory_chunks(data) if data.dtype in (np.float32, np.float64) else None
         if chunks is None and _is_dask(data) and data.npartitions == 1:  # one chunk is read whole on any access
             chunks = [[np.asarray(data.compute())]]
         if chunks is not None and (len(chunks) > 1 or len(chunks[0]) > 1):
@@ -443,12 +445,16 @@ def _grid_bands(
     """
     n_c, ny, nx = raster.shape
     nby, nbx = ye.size - 1, xe.size - 1
-    if raster.y_bounds.size == 2 and raster.x_bounds.size == 2:  # one block: no bands
+    if raster.y_bounds.size == 2 and raster.x_bounds.size == 2:  # one block, read where it is
         ((_, block),) = raster.read([(0, ny, 0, nx)])
-        out = np.zeros((n_c, nby, nbx))
         ty, tx = axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx)
-        rect_sum(block, ty, tx, out, channels=raster.chan)
-        yield 0, nby, out
+        # bands of whole bin rows over the whole block: the sums held at a time stay within block_bytes
+        rows = max(1, block_bytes // (8 * n_c * max(nbx, 1)))
+        bands = [(r0, min(nby, r0 + rows)) for r0 in range(0, nby, rows)]
+        for r0, r1 in _progress(bands, len(bands), desc, show):
+            out = np.zeros((n_c, r1 - r0, nbx))
+            rect_sum(block, tuple(t[r0:r1] for t in ty), tx, out, channels=raster.chan)
+            yield r0, r1, out
         return
     # one band per chunk row of pixels (each chunk is read once); the bin row cut by a band's lower edge is
     # carried into the next band
