@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 __all__ = ["check_gene_names", "check_raw_counts"]
 
 
-def check_raw_counts(X: Any, *, name: str = "counts") -> None:
+def check_raw_counts(X: Any, *, name: str = "counts", integer: bool = True) -> None:
     """Raise :class:`InputError` unless ``X`` (dense or sparse) holds finite, non-negative integers.
 
     Parameters
@@ -25,6 +25,8 @@ def check_raw_counts(X: Any, *, name: str = "counts") -> None:
         Matrix of raw counts, units × genes.
     name
         What ``X`` is, for the message.
+    integer
+        ``False`` accepts non-integer values (expected counts, e.g. a density map summed over units).
     """
     values = X.data if sparse.issparse(X) else np.asarray(X)
     if values.dtype.kind not in "biuf":
@@ -37,7 +39,7 @@ def check_raw_counts(X: Any, *, name: str = "counts") -> None:
             n_bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
             msg = f"{name} contain {n_bad} NaN or infinite values; raw counts are required. Drop or fill them first."
             raise InputError(msg)
-        if not np.all(values == np.round(values)):
+        if integer and not np.all(values == np.round(values)):
             msg = (
                 f"{name} contain non-integer values; raw counts are required. Pass the raw UMI counts "
                 "(e.g. `adata.layers['counts']` or `adata.raw`), not normalised data."

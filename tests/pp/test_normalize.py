@@ -175,3 +175,24 @@ def test_bad_options(train_test):
     with pytest.raises(InputError, match="not a normalisation record"):
         st.pp.normalize(adata, params={"min": [0]})
     assert not adata.layers
+
+
+def test_expected_counts_of_a_density_map_are_normalised_like_counts():
+    """A density map summed over units (st.tl.aggregate) gives expected counts: normalise them like measured ones."""
+    sdata = st.datasets.synthetic(shape_um=(400.0, 400.0), um_per_px=2.0, n_genes=4, layout="visium", seed=1)
+    measured = sdata.tables["table"]
+    st.pp.normalize(measured, method="log1p_cpm")
+    params = measured.uns["stpredict"]["normalize"]["log1p_cpm"]
+    expected = st.tl.aggregate(sdata, "truth", shapes_key="spots", inplace=False)
+    assert expected.uns["stpredict"]["value_kind"] == "density"
+    assert np.any(np.round(expected.X) != expected.X)  # non-integer: refused as raw counts before
+    st.pp.normalize(expected, params=params)
+    x = np.asarray(expected.X, dtype=np.float64)
+    reference = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(expected.layers["log1p_cpm"], reference, rtol=1e-5)
+    result = st.tl.evaluate(expected, measured, normalize=params, genes=list(measured.var_names))
+    assert result.summary["pcc_m"] > 0.5  # expected and Poisson-drawn counts of the same spots agree
+    # the same non-integer values without the density record are not counts
+    plain = ad.AnnData(expected.X.copy(), var=expected.var.copy())
+    with pytest.raises(InputError, match="non-integer"):
+        st.pp.normalize(plain, params=params)

@@ -43,9 +43,22 @@ def _dense(matrix: Any) -> np.ndarray:
     return np.asarray(matrix.toarray() if sparse.issparse(matrix) else matrix, dtype=np.float64)
 
 
+def is_expected_counts(adata: AnnData) -> bool:
+    """Whether ``X`` holds expected counts: a density map summed over units by :func:`stpredict.tl.aggregate`."""
+    record = adata.uns.get(Attrs.root, {})
+    return (
+        isinstance(record, dict)
+        and record.get("value_kind") == "density"
+        and record.get("reduce") == "sum"
+        and record.get("sum_unit") == "um2"
+    )
+
+
 def _check(adata: AnnData, layer: str | None) -> None:
     check_gene_names(adata.var_names)
-    check_raw_counts(_counts(adata, layer), name="counts" if layer is None else f"layer {layer!r}")
+    expected = layer is None and is_expected_counts(adata)
+    name = ("expected counts" if expected else "counts") if layer is None else f"layer {layer!r}"
+    check_raw_counts(_counts(adata, layer), name=name, integer=not expected)
 
 
 def fit_normalize(
@@ -200,6 +213,10 @@ def normalize(
 ) -> AnnData | list[AnnData] | None:
     """Normalise raw counts into prediction targets (SPEC §1.3), keeping the raw counts in ``X``.
 
+    Expected counts are accepted too: a table that :func:`stpredict.tl.aggregate` made by summing a density map
+    (expected counts per µm²) over units holds non-integer counts, and is normalised like measured counts, so that
+    a density model's predictions and the measurements compare in one space.
+
     =================  ================================================================================
     ``log1p_cpm``      ``log1p(x / total · 1e4)`` per unit (scanpy ``normalize_total(target_sum=1e4)`` +
                        ``log1p``, TRIPLEX); ``smooth=True`` then averages each unit with the units present
@@ -244,8 +261,8 @@ def normalize(
     Raises
     ------
     InputError
-        If the counts are not raw counts (non-integer, negative, NaN), gene names are missing or duplicated,
-        or a table's genes differ from those ``params`` were fitted on.
+        If the counts are not raw counts (non-integer outside expected-count tables, negative, NaN), gene names
+        are missing or duplicated, or a table's genes differ from those ``params`` were fitted on.
     """
     from anndata import AnnData
 

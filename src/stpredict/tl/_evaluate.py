@@ -323,8 +323,9 @@ def evaluate(
         :func:`stpredict.pp.normalize`). A method name (``"log1p_cpm"``, ``"log10_minmax"``, ``"prop_log"``): the
         parameters are fitted on ``truth`` with :func:`stpredict.pp.normalize` and applied unchanged to ``pred``.
         A parameter record (``train.uns["stpredict"]["normalize"][method]``, fitted on training slides): applied
-        to both. These need raw (integer) counts on both sides, as :func:`stpredict.pp.normalize` does; for a
-        prediction of expected (non-integer) counts, normalise it first or pass a callable
+        to both. These need counts on both sides, as :func:`stpredict.pp.normalize` does: raw integer counts, or
+        the expected counts of a density map aggregated by sum (:func:`stpredict.tl.aggregate`); for other
+        tables, normalise them first or pass a callable
         ``AnnData -> AnnData`` that is applied to a copy of each side (``X`` taken from the layer) and must keep
         the units.
     nan_policy
