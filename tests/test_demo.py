@@ -10,11 +10,18 @@ from stpredict._demo import DemoConfig, format_metrics, run_demo
 
 
 @pytest.mark.slow
-def test_demo_runs_the_whole_job_and_writes_its_outputs(tmp_path):
+@pytest.mark.parametrize("value_kind", ["density", "intensive"])
+def test_demo_runs_the_whole_job_and_writes_its_outputs(tmp_path, value_kind):
     import spatialdata as sd
 
     config = DemoConfig(
-        section_um=700.0, n_genes=4, max_epochs=1, tiles_per_epoch=8, batch_size=4, bin_sizes=(16.0, 55.0)
+        section_um=700.0,
+        n_genes=4,
+        max_epochs=1,
+        tiles_per_epoch=8,
+        batch_size=4,
+        bin_sizes=(16.0, 55.0),
+        value_kind=value_kind,
     )
     out = tmp_path / "demo"
     metrics = run_demo(out, config=config, show_progress_bar=False)
