@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stpredict.kernels import _aggregate as kernels
 from stpredict.kernels import axis_table, circle_pixel_area, labels_sum, polygon_pixel_area, rect_sum, shapes_sum
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -253,3 +254,29 @@ def test_kernels_from_worker_threads():
     for r in results:
         np.testing.assert_allclose(r, ref, rtol=1e-12)
     np.testing.assert_allclose(ref, img.reshape(4, 8, 8, 8, 8).sum(axis=(2, 4)), rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ny=st.integers(1, 70),
+    nx=st.integers(1, 30),
+    step=st.floats(0.3, 12.0),
+    oy=st.floats(-15.0, 0.0),
+    run_rows=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_runs_of_bin_rows_share_pixel_rows(ny, nx, step, oy, run_rows, seed):
+    # short runs: many tasks, and bin rows whose shared pixel row is carried to the next bin row of the run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "_RUN_ROWS", run_rows)
+        _check_runs(ny, nx, step, oy, seed)
+
+
+def _check_runs(ny, nx, step, oy, seed):
+    rng = np.random.default_rng(seed)
+    img = rng.random((2, ny, nx)).astype(np.float32)
+    ye = oy + step * np.arange(math.ceil((ny - oy) / step) + 2)
+    xe = -0.4 + 3.3 * np.arange(math.ceil((nx + 0.4) / 3.3) + 1)
+    out = np.zeros((2, ye.size - 1, xe.size - 1))
+    rect_sum(img, axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx), out)
+    np.testing.assert_allclose(out, _brute_rect(img.astype(np.float64), ye, xe), rtol=1e-5, atol=1e-6)

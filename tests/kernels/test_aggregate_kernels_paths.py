@@ -21,48 +21,6 @@ from stpredict.kernels import (
 )
 
 
-def _overlap_1d(a: float, b: float, n: int) -> np.ndarray:
-    j = np.arange(n, dtype=np.float64)
-    return np.maximum(0.0, np.minimum(b, j + 1) - np.maximum(a, j))
-
-
-def _brute_rect(img: np.ndarray, ye: np.ndarray, xe: np.ndarray) -> np.ndarray:
-    n_c, ny, nx = img.shape
-    out = np.zeros((n_c, ye.size - 1, xe.size - 1))
-    for r in range(ye.size - 1):
-        wy = _overlap_1d(ye[r], ye[r + 1], ny)
-        for k in range(xe.size - 1):
-            wx = _overlap_1d(xe[k], xe[k + 1], nx)
-            out[:, r, k] = (img * np.outer(wy, wx)[None]).sum(axis=(1, 2))
-    return out
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    ny=st.integers(1, 70),
-    nx=st.integers(1, 30),
-    step=st.floats(0.3, 12.0),
-    oy=st.floats(-15.0, 0.0),
-    run_rows=st.integers(1, 9),
-    seed=st.integers(0, 2**16),
-)
-def test_runs_of_bin_rows_share_pixel_rows(ny, nx, step, oy, run_rows, seed):
-    # short runs: many tasks, and bin rows whose shared pixel row is carried to the next bin row of the run
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "_RUN_ROWS", run_rows)
-        _check_runs(ny, nx, step, oy, seed)
-
-
-def _check_runs(ny, nx, step, oy, seed):
-    rng = np.random.default_rng(seed)
-    img = rng.random((2, ny, nx)).astype(np.float32)
-    ye = oy + step * np.arange(math.ceil((ny - oy) / step) + 2)
-    xe = -0.4 + 3.3 * np.arange(math.ceil((nx + 0.4) / 3.3) + 1)
-    out = np.zeros((2, ye.size - 1, xe.size - 1))
-    rect_sum(img, axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx), out)
-    np.testing.assert_allclose(out, _brute_rect(img.astype(np.float64), ye, xe), rtol=1e-5, atol=1e-6)
-
-
 def test_runs_split_at_width():
     lo = np.array([0, 3, 7, 8, 20, 21])
     hi = np.array([4, 8, 9, 20, 22, 30])
