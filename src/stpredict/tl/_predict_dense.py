@@ -297,10 +297,27 @@ def _remote_unit(
     return unit, (block if touched else None), predictor.n_calls
 
 
-def _tissue_tiles(
-    sdata: SpatialData, image_key: str, tissue_key: str | None, gy: AxisGrid, gx: AxisGrid, f: float
-) -> tuple[np.ndarray, str]:
-    """Which tiles have tissue in their support, from a labels mask (computed if absent)."""
+class _TissueMask:
+    """A tissue mask (labels, 1 = tissue) and the affine from the image's full-resolution pixels to its pixels."""
+
+    def __init__(self, sdata: SpatialData, image_key: str, tissue_key: str | None) -> None:
+        self.mask, self.to_mask, self.name = _load_tissue_mask(sdata, image_key, tissue_key)
+
+    def at_map_pixels(self, y0: int, y1: int, x0: int, x1: int, f: float) -> np.ndarray:
+        """Tissue (bool) at the centres of map pixels ``[y0, y1) × [x0, x1)`` (``f`` image pixels per map pixel)."""
+        yc = (np.arange(y0, y1) + 0.5) * f
+        xc = (np.arange(x0, x1) + 0.5) * f
+        a = self.to_mask
+        col = np.floor(a[0, 0] * xc[None, :] + a[0, 1] * yc[:, None] + a[0, 2]).astype(np.int64)
+        row = np.floor(a[1, 0] * xc[None, :] + a[1, 1] * yc[:, None] + a[1, 2]).astype(np.int64)
+        inside = (row >= 0) & (row < self.mask.shape[0]) & (col >= 0) & (col < self.mask.shape[1])
+        out = np.zeros(row.shape, dtype=bool)
+        out[inside] = self.mask[row[inside], col[inside]]
+        return out
+
+
+def _load_tissue_mask(sdata: SpatialData, image_key: str, tissue_key: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The mask (bool), the image → mask pixel affine, and the mask's name (computed if absent)."""
     from spatialdata.transformations import get_transformation
 
     key = tissue_key or Keys.tissue_mask(image_key)
@@ -321,7 +338,12 @@ def _tissue_tiles(
         msg = f"The tissue mask {key!r} shares no coordinate system with image {image_key!r}; recompute it."
         raise InputError(msg)
     to_mask = np.linalg.inv(transformation_matrix(mask_t[shared[0]])) @ transformation_matrix(image_t[shared[0]])
-    mask = np.asarray(scale_levels(mask_el)[0].data) > 0
+    return np.asarray(scale_levels(mask_el)[0].data) > 0, to_mask, key
+
+
+def _tissue_tiles(tissue: _TissueMask, gy: AxisGrid, gx: AxisGrid, f: float) -> np.ndarray:
+    """Which tiles have tissue in their support."""
+    mask, to_mask = tissue.mask, tissue.to_mask
     sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
     sat[1:, 1:] = mask.cumsum(0).cumsum(1)
     ky, kx = np.meshgrid(np.arange(gy.n_tiles), np.arange(gx.n_tiles), indexing="ij")
@@ -335,7 +357,7 @@ def _tissue_tiles(
     c0 = np.clip(np.floor(mx.min(0)).astype(int), 0, mask.shape[1])
     c1 = np.clip(np.ceil(mx.max(0)).astype(int), 0, mask.shape[1])
     counts = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]
-    return counts > 0, key
+    return counts > 0
 
 
 def _pick_level(image: Any, f0: float) -> tuple[int, Any, float, float]:
@@ -401,7 +423,8 @@ def predict_dense(
     ``model.tile_size`` px overlap by ``overlap_um``; each tile's prediction is weighted by a separable window
     that is 0 on the model's ``context`` band and rises and falls as sin²/cos² across the rest of the overlap,
     and the stitched map is the weighted sum divided by the summed weights, so it has no seams. With
-    ``tissue_only``, tiles whose support has no tissue are not predicted; the map is 0 where no tile was.
+    ``tissue_only``, tiles whose support has no tissue are not predicted, and the map is 0 outside the tissue
+    mask (at the centres of map pixels), also inside tiles that reach the tissue.
 
     The map is computed one *unit* (a row of output chunks × a panel of chunk columns) at a time and each
     output chunk is written once, so memory does not grow with the slide. When ``sdata`` is backed by zarr, the
@@ -425,8 +448,8 @@ def predict_dense(
     genes
         Genes to keep, in this order; default all of ``model.var_names``.
     tissue_only
-        Predict only tiles with tissue, from labels ``tissue_key``, else labels ``"<image_key>_tissue"``, else
-        a mask computed with :func:`stpredict.pp.tissue_mask` (not stored).
+        Predict only tiles with tissue, and set the map to 0 outside it, from labels ``tissue_key``, else labels
+        ``"<image_key>_tissue"``, else a mask computed with :func:`stpredict.pp.tissue_mask` (not stored).
     tissue_key
         Labels element of the tissue mask (1 = tissue).
     batch_size
@@ -569,11 +592,13 @@ def predict_dense(
     channels = np.array([list(model.var_names).index(g) for g in gene_list])
     panel = max(1, min(gx.n_chunks, UNIT_MAX_BYTES // (4 * (len(channels) + 1) * chunk * (chunk + ramp))))
 
+    tissue = None
     if tissue_only:
-        run, mask_name = _tissue_tiles(sdata, image_key, tissue_key, gy, gx, f)
+        tissue = _TissueMask(sdata, image_key, tissue_key)
+        run = _tissue_tiles(tissue, gy, gx, f)
         if not run.any():
             msg = (
-                f"No tissue found under image {image_key!r} in the tissue mask {mask_name!r}; check the mask "
+                f"No tissue found under image {image_key!r} in the tissue mask {tissue.name!r}; check the mask "
                 "(`st.pp.tissue_mask`), or predict everywhere with `tissue_only=False`."
             )
             raise InputError(msg)
@@ -597,6 +622,7 @@ def predict_dense(
         "shape": list(shape),
         "dtype": dtype,
         "tiles": hashlib.sha1(np.packbits(run).tobytes()).hexdigest(),
+        "tissue": None if tissue is None else hashlib.sha1(np.packbits(tissue.mask).tobytes()).hexdigest(),
     }
     backed = inplace and sdata.is_backed()
     if backed:
@@ -632,6 +658,8 @@ def predict_dense(
         if block is not None:
             y0, y1 = gy.chunk_bounds(unit[0])
             x0, x1 = plan.panel_bounds(unit[1])
+            if tissue is not None:  # 0 outside the tissue, also inside tiles that reach it
+                block = block * tissue.at_map_pixels(y0, y0 + block.shape[1], x0, x0 + block.shape[2], f)[None]
             store.array[:, y0:y1, x0:x1] = block.astype(dtype, copy=False)
         store.mark_done(unit)
         progress.update(1)
