@@ -147,7 +147,7 @@ def _fit(name: str, cls: Any, kwargs: dict[str, Any], genes: list[str], train: A
             "patience": args.patience,
         }
         if name == "pixnet_density":
-            fit_kw["loss"] = "poisson"
+            fit_kw["loss"] = args.density_loss
         else:
             fit_kw["target_layer"] = "log1p_cpm"
         model.fit(train, **fit_kw, **common)
@@ -441,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--density-loss", choices=("poisson", "nb"), default="poisson", help="loss of pixnet_density")
     p.add_argument("--patience", type=int, default=100)
     p.add_argument("--max-units", type=int, default=20000)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
