@@ -45,8 +45,10 @@ class DemoConfig:
     max_epochs, tiles_per_epoch, batch_size, lr
         Training budget.
     value_kind
-        ``"density"``: PixNet maps expected counts per µm², trained with a Poisson loss on the raw spot counts;
-        ``"intensive"``: log1p CPM values, trained with the paper's loss (see ``benchmarks/README.md``).
+        ``"density"``: expected counts per µm², trained with a Poisson loss on the raw spot counts (the synthetic
+        counts are Poisson draws of a linear density, and this mode scores higher on them at every scale);
+        ``"intensive"``: PixNet's default, log1p CPM values trained with the paper's loss, which scores higher on
+        real her2st sections (``benchmarks/README.md``).
     bin_sizes
         Square bin sizes in µm for the cross-scale evaluation.
     seed

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         "--value-kind",
         choices=("density", "intensive"),
         default=DemoConfig.value_kind,
-        help="what PixNet's map holds: expected counts per µm² (Poisson loss) or log1p CPM values (paper loss)",
+        help="what PixNet's map holds: expected counts per µm² (Poisson loss; the demo's default, better on this "
+        "synthetic tissue) or log1p CPM values (the paper's loss, PixNet's default)",
     )
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
