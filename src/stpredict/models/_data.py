@@ -529,8 +529,9 @@ class CoverTileDataset(TileDataset):
 
     Tiles are placed greedily: in row-major order of the units, a tile is centred on the first unit not yet
     assigned, and takes every unassigned allowed unit (of every table) completely inside it. Units larger than a
-    tile cannot be supervised and are left out. With ``n_tiles`` smaller than the cover, a seeded random subset of
-    the cover's tiles is kept.
+    tile cannot be supervised and are left out, and a tile with more than ``max_units_per_tile`` units of a table
+    (thousands of 2 µm bins) supervises a seeded random subset of them. With ``n_tiles`` smaller than the cover, a
+    seeded random subset of the cover's tiles is kept.
 
     Parameters
     ----------
