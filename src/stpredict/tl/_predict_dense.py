@@ -423,8 +423,9 @@ def predict_dense(
     ``model.tile_size`` px overlap by ``overlap_um``; each tile's prediction is weighted by a separable window
     that is 0 on the model's ``context`` band and rises and falls as sin²/cos² across the rest of the overlap,
     and the stitched map is the weighted sum divided by the summed weights, so it has no seams. With
-    ``tissue_only``, tiles whose support has no tissue are not predicted, and the map is 0 outside the tissue
-    mask (at the centres of map pixels), also inside tiles that reach the tissue.
+    ``tissue_only``, tiles whose support has no tissue are not predicted (the map is 0 there), and a density map
+    is 0 outside the tissue mask (at the centres of map pixels) also inside tiles that reach the tissue; an
+    intensive map keeps the model's values there, since a 0 would bias unit means at the tissue edge.
 
     The map is computed one *unit* (a row of output chunks × a panel of chunk columns) at a time and each
     output chunk is written once, so memory does not grow with the slide. When ``sdata`` is backed by zarr, the
@@ -448,8 +449,8 @@ def predict_dense(
     genes
         Genes to keep, in this order; default all of ``model.var_names``.
     tissue_only
-        Predict only tiles with tissue, and set the map to 0 outside it, from labels ``tissue_key``, else labels
-        ``"<image_key>_tissue"``, else a mask computed with :func:`stpredict.pp.tissue_mask` (not stored).
+        Predict only tiles with tissue (and set a density map to 0 outside it), from labels ``tissue_key``, else
+        labels ``"<image_key>_tissue"``, else a mask computed with :func:`stpredict.pp.tissue_mask` (not stored).
     tissue_key
         Labels element of the tissue mask (1 = tissue).
     batch_size
@@ -624,6 +625,9 @@ def predict_dense(
         "tiles": hashlib.sha1(np.packbits(run).tobytes()).hexdigest(),
         "tissue": None if tissue is None else hashlib.sha1(np.packbits(tissue.mask).tobytes()).hexdigest(),
     }
+    # A density (expected counts per µm²) is 0 where there is no tissue; an intensive value (e.g. log1p CPM)
+    # has no value there, and a 0 would bias every unit mean that reaches the tissue edge, so it is left as is.
+    mask_outside = tissue is not None and model.value_kind == "density"
     backed = inplace and sdata.is_backed()
     if backed:
         work_path: Path | None = tmp_root(Path(sdata.path)) / key
@@ -658,7 +662,7 @@ def predict_dense(
         if block is not None:
             y0, y1 = gy.chunk_bounds(unit[0])
             x0, x1 = plan.panel_bounds(unit[1])
-            if tissue is not None:  # 0 outside the tissue, also inside tiles that reach it
+            if mask_outside:  # no expression off the tissue, also inside tiles that reach it
                 block = block * tissue.at_map_pixels(y0, y0 + block.shape[1], x0, x0 + block.shape[2], f)[None]
             store.array[:, y0:y1, x0:x1] = block.astype(dtype, copy=False)
         store.mark_done(unit)
