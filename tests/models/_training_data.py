@@ -1,4 +1,5 @@
-"""Tiny synthetic SpatialData for the training and baseline tests (loaded by path: tests are not a package)."""
+"""Helpers for the model tests: tiny synthetic SpatialData, a tiny model, a small PixNet (loaded by path: tests are
+not a package)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,17 @@ class TinyModel:
         self.context = 0
         self.value_kind = value_kind
         self.normalization = None
+
+
+#: Decoder channels and genes of the small PixNet the model tests build.
+SMALL_DECODER = (8, 16, 16, 32, 32, 32)
+PIXNET_GENES = ["ACTB", "EPCAM", "PTPRC"]
+
+
+def small_pixnet(**kwargs):
+    """A small, seeded PixNet on 32 px tiles; ``kwargs`` override its parameters."""
+    import stpredict as st
+
+    params = {"tile_size": 32, "decoder_channels": SMALL_DECODER, "seed": 0}
+    params.update(kwargs)
+    return st.models.PixNet(PIXNET_GENES, **params)

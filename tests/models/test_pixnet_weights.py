@@ -1,24 +1,24 @@
 from __future__ import annotations
 
+import importlib.util
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import stpredict as st
 from stpredict._errors import InputError
 from stpredict.models._io import load_state_dict
 from stpredict.models._weights import packaged_weights_path
 
-SMALL = (8, 16, 16, 32, 32, 32)
-GENES = ["ACTB", "EPCAM", "PTPRC"]
+_spec = importlib.util.spec_from_file_location("_training_data", Path(__file__).with_name("_training_data.py"))
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
 
-
-def small(**kwargs):
-    params = {"tile_size": 32, "decoder_channels": SMALL, "seed": 0}
-    params.update(kwargs)
-    return st.models.PixNet(GENES, **params)
+SMALL = helpers.SMALL_DECODER
+GENES = helpers.PIXNET_GENES
+small = helpers.small_pixnet
 
 
 @pytest.fixture(scope="module")
