@@ -25,7 +25,8 @@ Models (identical data, identical evaluation):
   prediction), so under the published policy (NaN → −1) it scores −1; reported as such, and its MSE is given.
 
 The density model's spot predictions (expected counts) are put into the same space as the measured spots before
-scoring (log1p of counts per 10,000, totals over the scored genes for both sides; see ``_log1p_cpm_table``).
+scoring (log1p of counts per 10,000, totals over the scored genes for both sides, through
+``st.tl.evaluate(normalize="log1p_cpm")``).
 Against the ground-truth density all maps are scored by correlation only (PCC is scale-free per gene, but not
 invariant to the log transform: intensive maps are log1p CPM values, the truth is linear counts per µm²).
 """
@@ -68,22 +69,6 @@ class ConstantMap:
         out = np.empty((b, len(self.values), h // self.output_stride, w // self.output_stride), np.float32)
         out[:] = self.values[None, :, None, None]
         return out
-
-
-def _log1p_cpm_table(adata: Any, genes: list[str], target_sum: float = 1e4) -> Any:
-    """log1p(counts / total · target_sum) with totals over ``genes``, as a new AnnData (X dense float32)."""
-    import anndata as ad
-    import scipy.sparse as sp
-
-    x = adata[:, genes].X
-    x = x.toarray() if sp.issparse(x) else np.asarray(x)
-    x = x.astype(np.float64)
-    tot = x.sum(axis=1, keepdims=True)
-    tot[tot == 0] = 1.0
-    out = ad.AnnData(np.log1p(x / tot * target_sum).astype(np.float32), obs=adata.obs.copy())
-    out.var_names = genes
-    out.obsm["spatial"] = np.asarray(adata.obsm["spatial"]).copy()
-    return out
 
 
 def _mean_target(tables: list[Any], genes: list[str], layer: str) -> np.ndarray:
@@ -195,7 +180,8 @@ def _score_spots(
     pred = _exact_constant(pred, constant)
     if density:
         # Expected counts per spot → the measured spots' space (log1p CPM over the scored genes on both sides).
-        return st.tl.evaluate(_log1p_cpm_table(pred, genes), _log1p_cpm_table(table, genes), genes=genes)
+        # (st.pp.normalize accepts the expected counts of a density map summed over units)
+        return st.tl.evaluate(pred, table[:, genes], normalize="log1p_cpm", genes=genes)
     return st.tl.evaluate(pred, table, truth_layer="log1p_cpm", genes=genes)
 
 
