@@ -105,6 +105,29 @@ def test_stitched_map_equals_whole_image_reference(rgb):
     np.testing.assert_allclose(t, np.diag([2.0, 2.0, 1.0]))
 
 
+def test_chunked_slide_gives_the_same_map_and_decodes_each_chunk_once(rgb):
+    import dask.array as da
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+
+    counts: dict = {}
+
+    def block(block_info=None):
+        (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
+        counts[y0, x0] = counts.get((y0, x0), 0) + 1
+        return rgb[:, y0:y1, x0:x1]
+
+    lazy = da.map_blocks(block, dtype=np.uint8, chunks=da.core.normalize_chunks((3, 40, 40), rgb.shape))
+    chunked = SpatialData(images={"he": Image2DModel.parse(lazy, dims=("c", "y", "x"), c_coords=["r", "g", "b"])})
+    set_um_per_px(chunked, "he", 1.0)
+    whole = _sdata(rgb)
+    for sdata in (chunked, whole):  # units of 24 map px (48 slide px): each 40 px chunk row is under two units
+        st.tl.predict_dense(sdata, ColourModel(), tissue_only=False, chunk_size=24, show_progress_bar=False)
+    np.testing.assert_array_equal(_map(chunked), _map(whole))
+    assert len(counts) == 4 * 5
+    assert set(counts.values()) == {1}
+
+
 def test_blending_window_removes_seams(rgb):
     flat = np.full_like(rgb, 128)
     model = ColourModel(tile_bias=1.0, context=2, stride=1)  # 32 map px per tile, bias 0 → 31/32 across it

@@ -23,6 +23,7 @@ from stpredict._logging import get_logger
 from stpredict._meta import set_element_meta
 from stpredict._settings import settings
 
+from ._slide_reader import SlideReader
 from ._tiling import AxisGrid, resample_matrix, window_1d
 from ._zarr_writer import WorkStore, install_element, tmp_root
 
@@ -44,8 +45,6 @@ IN_MEMORY_MAX_BYTES = 256 * 2**20
 UNIT_MAX_BYTES = 256 * 2**20
 #: Default output chunk length in map pixels (rounded to a multiple of the tile stride).
 DEFAULT_CHUNK = 512
-#: White, the glass background of an H&E scan: the value of pixels outside the slide.
-FILL_VALUE = 255
 
 
 @dataclass
@@ -130,29 +129,18 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _read_level(array: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """Level pixels ``[y0, y1) × [x0, x1)`` of the first 3 channels as uint8; outside the slide: white."""
-    ny, nx = array.shape[1], array.shape[2]
-    out = np.full((3, y1 - y0, x1 - x0), FILL_VALUE, dtype=np.uint8)
-    cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, ny), max(x0, 0), min(x1, nx)
-    if cy1 > cy0 and cx1 > cx0:
-        part = array[:3, cy0:cy1, cx0:cx1]
-        if hasattr(part, "compute"):
-            part = part.compute(scheduler="threads")
-        out[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = np.asarray(part)
-    return out
-
-
-def _read_model_region(array: Any, ratio: tuple[float, float], my0: int, my1: int, mx0: int, mx1: int) -> np.ndarray:
+def _read_model_region(
+    reader: SlideReader, ratio: tuple[float, float], my0: int, my1: int, mx0: int, mx1: int
+) -> np.ndarray:
     """Model pixels ``[my0, my1) × [mx0, mx1)`` of the slide, resampled from the level (uint8 ``(3, h, w)``)."""
     ry, rx = ratio
     if ry == 1.0 and rx == 1.0:
-        return _read_level(array, my0, my1, mx0, mx1)
+        return reader.read(my0, my1, mx0, mx1)
     from scipy import sparse
 
     wy, ly0, ly1 = resample_matrix(my0, my1, ry)
     wx, lx0, lx1 = resample_matrix(mx0, mx1, rx)
-    raw = _read_level(array, ly0, ly1, lx0, lx1).astype(np.float32)
+    raw = reader.read(ly0, ly1, lx0, lx1).astype(np.float32)
     sy, sx = sparse.csr_matrix(wy), sparse.csr_matrix(wx)
     out = np.empty((3, my1 - my0, mx1 - mx0), dtype=np.uint8)
     for c in range(3):
@@ -173,7 +161,7 @@ class _UnitInput:
     seconds: float = 0.0
 
 
-def _prepare_unit(plan: _Plan, array: Any, unit: tuple[int, int], use_carry: bool) -> _UnitInput:
+def _prepare_unit(plan: _Plan, reader: SlideReader, unit: tuple[int, int], use_carry: bool) -> _UnitInput:
     """List the tiles of ``unit`` and read (and resample) the slide region under them.
 
     Without ``use_carry`` the tile row above the chunk row is included (its falling ramp reaches the
@@ -197,7 +185,7 @@ def _prepare_unit(plan: _Plan, array: Any, unit: tuple[int, int], use_carry: boo
         kxs = [k[1] for k in tiles]
         my0, mx0 = int(gy.origin(min(kys))) * s, int(gx.origin(min(kxs))) * s
         my1, mx1 = int(gy.origin(max(kys))) * s + t, int(gx.origin(max(kxs))) * s + t
-        inp.region = _read_model_region(array, plan.ratio, my0, my1, mx0, mx1)
+        inp.region = _read_model_region(reader, plan.ratio, my0, my1, mx0, mx1)
         inp.origin = (my0, mx0)
     inp.seconds = time.perf_counter() - t0
     return inp
@@ -293,7 +281,7 @@ def _remote_unit(
     plan: _Plan, source: _Source, model: DenseModel, batch_size: int, device: str, unit: tuple[int, int]
 ) -> tuple[tuple[int, int], np.ndarray | None, int]:
     predictor = _Predictor(model, batch_size, device)
-    block, _, touched = _blend_unit(plan, predictor, _prepare_unit(plan, source.array, unit, False), None)
+    block, _, touched = _blend_unit(plan, predictor, _prepare_unit(plan, SlideReader(source.array), unit, False), None)
     return unit, (block if touched else None), predictor.n_calls
 
 
@@ -609,7 +597,8 @@ def predict_dense(
 
     # ---- work store
     shape = (len(channels), height, width)
-    zchunks = (min(len(channels), 16), chunk, chunk)
+    n_channel_chunks = math.ceil(len(channels) / 16)  # chunks of at most 16 genes, as even as possible
+    zchunks = (math.ceil(len(channels) / n_channel_chunks), chunk, chunk)
     fingerprint = {
         "image": image_key,
         "image_shape": [ny0, nx0],
@@ -754,17 +743,19 @@ def _run_local(plan: _Plan, array: Any, predictor: _Predictor, units: list[tuple
         return position.get((j - 1, p), -2) == i - 1
 
     read_seconds = 0.0
+    # the next unit of a panel reads from at most one tile (plus resampling support) above this one's last row
+    reader = SlideReader(array, keep_rows=math.ceil(plan.tile * plan.ratio[0]) + 4)
     carry: tuple[np.ndarray, np.ndarray] | None = None
     free: dict[tuple[int, ...], list] = {}  # accumulator buffers by shape, reused once their block is written
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+    with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as writer:
         pending: deque = deque()
-        nxt = reader.submit(_prepare_unit, plan, array, units[0], False)
+        nxt = pool.submit(_prepare_unit, plan, reader, units[0], False)
         try:
             for i, unit in enumerate(units):
                 inp = nxt.result()
                 read_seconds += inp.seconds
                 if i + 1 < len(units):
-                    nxt = reader.submit(_prepare_unit, plan, array, units[i + 1], use_carry(i + 1))
+                    nxt = pool.submit(_prepare_unit, plan, reader, units[i + 1], use_carry(i + 1))
                 shape = _acc_shape(plan, unit)
                 if shape not in free:  # a new shape (edge units): let buffers of other shapes go
                     free.clear()
@@ -783,6 +774,7 @@ def _run_local(plan: _Plan, array: Any, predictor: _Predictor, units: list[tuple
                 pending.popleft()[0].result()
         finally:
             nxt.cancel()
+    logger.debug("predict_dense: %d source chunks computed.", reader.n_computed)
     return read_seconds
 
 

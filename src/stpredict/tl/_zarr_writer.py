@@ -53,12 +53,15 @@ class WorkStore:
         from zarr.codecs import BloscCodec
 
         codec = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")  # fast: the store is rewritten at the end
+        # zarr's test of every chunk for "all fill value" (to skip writing it) costs more than writing a chunk of
+        # zeros: lz4 compresses those to almost nothing; chunks of units without tissue are not written at all.
+        config = {"write_empty_chunks": True}
         self.path = None if path is None else Path(path)
         self.done: set[tuple[int, int]] = set()
         if self.path is None:
             store: Any = zarr.storage.MemoryStore()
             self.array = zarr.create_array(
-                store=store, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=codec
+                store=store, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=codec, config=config
             )
             return
         plan_file = self.path / "plan.json"
@@ -75,7 +78,13 @@ class WorkStore:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.array = zarr.create_array(
-            store=self.path / "map.zarr", shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=codec
+            store=self.path / "map.zarr",
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=0,
+            compressors=codec,
+            config=config,
         )
         _write_json_atomic(plan_file, fingerprint)
 
