@@ -65,7 +65,7 @@ def axis_table(starts: np.ndarray, ends: np.ndarray, n: int) -> tuple[np.ndarray
 
 @intrinsic
 def _prefetch(typingctx, arr, idx):
-    """Hint the CPU to bring ``arr[idx]`` (a 1-D array) into cache (``llvm.prefetch``; never faults, no effect)."""
+    """Hint the CPU to bring ``arr[idx]`` (a 1-D array) into L2 (``llvm.prefetch``; never faults, no effect)."""
     if not isinstance(arr, types.Array) or arr.ndim != 1:
         return None
     sig = types.void(arr, types.intp)
@@ -79,8 +79,8 @@ def _prefetch(typingctx, arr, idx):
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
         )
-        # read, high temporal locality, data cache
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        # read, moderate temporal locality (into L2: a bin row of pixel rows does not fit in L1), data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -228,7 +228,8 @@ def _rect_sum_parallel(img, chan, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, gr
                 elif first:
                     buf[:] = 0.0
                 # the next bin row's pixel rows are prefetched, a few cache lines per bin, while this one's bins are
-                # summed from the buffer, so the memory reads go on during that computation
+                # summed from the buffer, so the memory reads go on during that computation (row and column counters:
+                # an integer division per prefetch cost more than the prefetch saved)
                 pf0 = hi
                 pf1 = hi
                 if by + 1 < r_b and yhi[by + 1] > ylo[by + 1]:
@@ -237,15 +238,19 @@ def _rect_sum_parallel(img, chan, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, gr
                 lines = (x1 - x0 + 15) // 16
                 n_pf = (pf1 - pf0) * lines
                 per_bin = n_pf // (b1 - b0) + 1
-                q = 0
+                pf_row = pf0
+                pf_col = x0
                 for bx in range(b0, b1):
                     out[ci, by + by_off, bx + bx_off] += _row_interval(
                         buf, xlo[bx] - x0, xhi[bx] - x0, xwlo[bx], xwhi[bx]
                     )
                     for _ in range(per_bin):
-                        if q < n_pf:
-                            _prefetch(img[c, pf0 + q // lines], min(x0 + (q % lines) * 16, x1 - 1))
-                            q += 1
+                        if pf_row < pf1:
+                            _prefetch(img[c, pf_row], pf_col)
+                            pf_col += 16
+                            if pf_col >= x1:
+                                pf_col = x0
+                                pf_row += 1
                 if share:
                     buf, nxt = nxt, buf
                 carried = share
