@@ -701,32 +701,57 @@ def _circle_weights(cx, cy, r, gx0, gy0, h, w, weights):
     pmr = _prim(-r, r)
     for i in range(h):
         py = gy0 + i
-        for j in range(w):
-            px = gx0 + j
-            # whole pixels inside or outside need no integral
-            fx = max(abs(px - cx), abs(px + 1.0 - cx))
-            fy = max(abs(py - cy), abs(py + 1.0 - cy))
-            nx_ = max(0.0, max(px - cx, cx - px - 1.0))
-            ny_ = max(0.0, max(py - cy, cy - py - 1.0))
-            if fx * fx + fy * fy <= r2:
-                weights[i, j] = 1.0
-            elif nx_ * nx_ + ny_ * ny_ < r2:
-                q11 = _quadrant_pre(
-                    xs[j + 1], ys[i + 1], r, xc[j + 1], pxc[j + 1], wr[i + 1], pw[i + 1], pmw[i + 1], pmr
-                )
-                q01 = _quadrant_pre(xs[j], ys[i + 1], r, xc[j], pxc[j], wr[i + 1], pw[i + 1], pmw[i + 1], pmr)
-                q10 = _quadrant_pre(xs[j + 1], ys[i], r, xc[j + 1], pxc[j + 1], wr[i], pw[i], pmw[i], pmr)
-                q00 = _quadrant_pre(xs[j], ys[i], r, xc[j], pxc[j], wr[i], pw[i], pmw[i], pmr)
-                weights[i, j] = max(0.0, q11 - q01 - q10 + q00)
+        fy = max(abs(py - cy), abs(py + 1.0 - cy))
+        ny_ = max(0.0, max(py - cy, cy - py - 1.0))
+        # Along a row, "whole pixel inside" and "pixel touches the disc" each hold on one run of columns (the
+        # pixel's farthest and nearest x distances to the centre fall, then rise), so the row is scanned from both
+        # ends up to the inside run, which is filled with 1 without testing its pixels. Every pixel is classified
+        # by the same tests as in circle_pixel_area, so the weights stay bit-identical to it.
+        j = 0
+        while j < w and not _inside(gx0 + j, cx, fy, r2):
+            if _touches(gx0 + j, cx, ny_, r2):
+                weights[i, j] = _cut_area(i, j, xs, ys, r, xc, pxc, wr, pw, pmw, pmr)
+            j += 1
+        if j == w:
+            continue
+        k = w - 1
+        while not _inside(gx0 + k, cx, fy, r2):
+            if _touches(gx0 + k, cx, ny_, r2):
+                weights[i, k] = _cut_area(i, k, xs, ys, r, xc, pxc, wr, pw, pmw, pmr)
+            k -= 1
+        weights[i, j : k + 1] = 1.0
+
+
+@numba.njit(inline="always")
+def _inside(px, cx, fy, r2):
+    # the whole pixel [px, px + 1) × row lies in the disc (its farthest corner does)
+    fx = max(abs(px - cx), abs(px + 1.0 - cx))
+    return fx * fx + fy * fy <= r2
+
+
+@numba.njit(inline="always")
+def _touches(px, cx, ny_, r2):
+    # the pixel's nearest point lies strictly inside the disc
+    nx_ = max(0.0, max(px - cx, cx - px - 1.0))
+    return nx_ * nx_ + ny_ * ny_ < r2
+
+
+@numba.njit(inline="always")
+def _cut_area(i, j, xs, ys, r, xc, pxc, wr, pw, pmw, pmr):
+    # circle_pixel_area of window pixel (i, j), from the precomputed corner terms
+    q11 = _quadrant_pre(xs[j + 1], ys[i + 1], r, xc[j + 1], pxc[j + 1], wr[i + 1], pw[i + 1], pmw[i + 1], pmr)
+    q01 = _quadrant_pre(xs[j], ys[i + 1], r, xc[j], pxc[j], wr[i + 1], pw[i + 1], pmw[i + 1], pmr)
+    q10 = _quadrant_pre(xs[j + 1], ys[i], r, xc[j + 1], pxc[j + 1], wr[i], pw[i], pmw[i], pmr)
+    q00 = _quadrant_pre(xs[j], ys[i], r, xc[j], pxc[j], wr[i], pw[i], pmw[i], pmr)
+    return max(0.0, q11 - q01 - q10 + q00)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=False)  # exact areas: no reassociation
-def _shape_weights(s, gx0, gy0, h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx, vy, shape_ptr):
-    # Exact area of shape s in each pixel of the (h, w) window at global pixel (gy0, gx0).
-    weights = np.zeros((h, w), dtype=np.float64)
+def _shape_weights(s, gx0, gy0, h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx, vy, shape_ptr, weights):
+    # Exact area of shape s in each pixel of the (h, w) window at global pixel (gy0, gx0), into the zeroed weights.
     if kind[s] == 0:
         _circle_weights(cx[s], cy[s], rad[s], gx0, gy0, h, w, weights)
-        return weights
+        return
     m = 8
     for ring in range(shape_ptr[s], shape_ptr[s + 1]):
         m = max(m, 2 * (ring_ptr[ring + 1] - ring_ptr[ring]) + 8)
@@ -744,7 +769,6 @@ def _shape_weights(s, gx0, gy0, h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx
                 py = gy0 + i
                 a = abs(_clip_area(xs, ys, px, py, px + 1.0, py + 1.0, bx, by, tx, ty))
                 weights[i, j] += sign * a
-    return weights
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
@@ -771,15 +795,15 @@ def _shapes_sum(
             s = ids[k]
             h = win[k, 3] - win[k, 1]
             w = win[k, 2] - win[k, 0]
-            weights = _shape_weights(
-                s, win[k, 0], win[k, 1], h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx, vy, shape_ptr
-            )
+            flat = wbuf[woff[k - k0] : woff[k - k0 + 1]]
+            flat[:] = 0.0
+            _shape_weights(
+                s, win[k, 0], win[k, 1], h, w, kind, cx, cy, rad, ring_ptr, ring_sign, vx, vy, shape_ptr,
+                flat.reshape((h, w)),
+            )  # fmt: skip
             total = 0.0
-            o = woff[k - k0]
-            for i in range(h):
-                for j in range(w):
-                    total += weights[i, j]
-                    wbuf[o + i * w + j] = weights[i, j]
+            for q in range(flat.size):
+                total += flat[q]
             wout[s] += total
         acc = np.empty(k1 - k0)
         for ci in range(chan.size):
@@ -791,6 +815,10 @@ def _shapes_sum(
                         w = win[k, 2] - win[k, 0]
                         off = woff[k - k0] + (y - win[k, 1]) * w
                         row = img[c, y - oy, win[k, 0] - ox : win[k, 2] - ox]
+                        if y + 2 < win[k, 3]:  # the window two rows down: short runs defeat the hardware prefetcher
+                            ahead = img[c, y + 2 - oy, win[k, 0] - ox : win[k, 2] - ox]
+                            for q in range(0, w, 16):
+                                _prefetch(ahead, q)
                         wrow = wbuf[off : off + w]
                         a = 0.0
                         for j in range(w):  # indices from 0: vectorised
