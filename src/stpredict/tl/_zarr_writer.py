@@ -56,13 +56,16 @@ class WorkStore:
         # zarr's test of every chunk for "all fill value" (to skip writing it) costs more than writing a chunk of
         # zeros: lz4 compresses those to almost nothing; chunks of units without tissue are not written at all.
         config = {"write_empty_chunks": True}
+
+        def create(store: Any) -> Any:
+            return zarr.create_array(
+                store=store, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=codec, config=config
+            )
+
         self.path = None if path is None else Path(path)
         self.done: set[tuple[int, int]] = set()
         if self.path is None:
-            store: Any = zarr.storage.MemoryStore()
-            self.array = zarr.create_array(
-                store=store, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=codec, config=config
-            )
+            self.array = create(zarr.storage.MemoryStore())
             return
         plan_file = self.path / "plan.json"
         resumable = plan_file.is_file() and json.loads(plan_file.read_text()) == fingerprint
@@ -70,22 +73,14 @@ class WorkStore:
             progress = self.path / "progress.json"
             if progress.is_file():
                 self.done = {tuple(u) for u in json.loads(progress.read_text())}
-            self.array = zarr.open_array(self.path / "map.zarr", mode="r+")
+            self.array = zarr.open_array(self.path / "map.zarr", mode="r+").with_config(config)
             logger.info("Resuming the dense map in %s: %d units already written.", self.path, len(self.done))
             return
         if self.path.exists() and any(self.path.iterdir()):
             logger.warning("Discarding an unfinished dense map in %s made with other parameters.", self.path)
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.array = zarr.create_array(
-            store=self.path / "map.zarr",
-            shape=shape,
-            chunks=chunks,
-            dtype=dtype,
-            fill_value=0,
-            compressors=codec,
-            config=config,
-        )
+        self.array = create(self.path / "map.zarr")
         _write_json_atomic(plan_file, fingerprint)
 
     def mark_done(self, unit: tuple[int, int]) -> None:
