@@ -747,15 +747,15 @@ def _run_local(plan: _Plan, array: Any, predictor: _Predictor, units: list[tuple
     reader = SlideReader(array, keep_rows=math.ceil(plan.tile * plan.ratio[0]) + 4)
     carry: tuple[np.ndarray, np.ndarray] | None = None
     free: dict[tuple[int, ...], list] = {}  # accumulator buffers by shape, reused once their block is written
-    with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as writer:
+    with ThreadPoolExecutor(1) as read_ahead, ThreadPoolExecutor(1) as writer:
         pending: deque = deque()
-        nxt = pool.submit(_prepare_unit, plan, reader, units[0], False)
+        nxt = read_ahead.submit(_prepare_unit, plan, reader, units[0], False)
         try:
             for i, unit in enumerate(units):
                 inp = nxt.result()
                 read_seconds += inp.seconds
                 if i + 1 < len(units):
-                    nxt = pool.submit(_prepare_unit, plan, reader, units[i + 1], use_carry(i + 1))
+                    nxt = read_ahead.submit(_prepare_unit, plan, reader, units[i + 1], use_carry(i + 1))
                 shape = _acc_shape(plan, unit)
                 if shape not in free:  # a new shape (edge units): let buffers of other shapes go
                     free.clear()
