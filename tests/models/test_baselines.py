@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
+import _training_data as helpers
 import numpy as np
 import pytest
 import torch
@@ -12,10 +11,6 @@ import stpredict as st
 from stpredict._errors import InputError
 from stpredict.models import DenseModel
 from stpredict.models._baselines import EmbeddingRidge, SpotCNN
-
-_spec = importlib.util.spec_from_file_location("_training_data", Path(__file__).with_name("_training_data.py"))
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 GENES = ["g0", "g1", "g2"]
 TINY = {"encoder": "test_efficientnet", "crop_um": 24.0, "stride_um": 8.0, "tile_size": 64}

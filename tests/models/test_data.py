@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+import _training_data as helpers
 import numpy as np
 import pytest
 
@@ -21,10 +19,6 @@ from stpredict.models._data import (
     split_by_position,
 )
 from stpredict.models._footprints import DISK, RECT
-
-_spec = importlib.util.spec_from_file_location("_training_data", Path(__file__).with_name("_training_data.py"))
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 GENES = ["g0", "g1", "g2"]
 

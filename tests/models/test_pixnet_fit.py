@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+import _training_data as helpers
 import numpy as np
 import pytest
 import torch
 
 import stpredict as st
-
-_spec = importlib.util.spec_from_file_location("_training_data", Path(__file__).with_name("_training_data.py"))
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 FAST = {"batch_size": 4, "tiles_per_epoch": 8, "show_progress_bar": False, "device": "cpu"}
 

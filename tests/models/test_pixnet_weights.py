@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import importlib.util
 import pickle
-from pathlib import Path
 
+import _training_data as helpers
 import numpy as np
 import pytest
 import torch
@@ -11,10 +10,6 @@ import torch
 from stpredict._errors import InputError
 from stpredict.models._io import load_state_dict
 from stpredict.models._weights import packaged_weights_path
-
-_spec = importlib.util.spec_from_file_location("_training_data", Path(__file__).with_name("_training_data.py"))
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
 
 SMALL = helpers.SMALL_DECODER
 GENES = helpers.PIXNET_GENES
