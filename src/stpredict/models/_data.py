@@ -461,13 +461,17 @@ class TileDataset:
     def __len__(self) -> int:
         return self.n_tiles
 
+    def _extent(self, section: Section) -> float:
+        """Side of a tile in the section's full-resolution pixels."""
+        return self.tile_size * self.model_um_per_px / section.image_um_per_px
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         epoch, i = divmod(int(index), self.n_tiles)
         rng = np.random.default_rng([self.seed, epoch, i])
         s, t, u = self.sampler.draw(rng)
         section = self.sections[s]
-        extent = self.tile_size * self.model_um_per_px / section.image_um_per_px  # full-res pixels
-        centre = section.units[t].centers[u] + rng.uniform(-self.jitter, self.jitter, size=2) * extent
+        jitter = rng.uniform(-self.jitter, self.jitter, size=2) * self._extent(section)
+        centre = section.units[t].centers[u] + jitter
         return self._item(section, centre, rng)
 
     def _item(
@@ -477,7 +481,7 @@ class TileDataset:
 
         ``assigned`` gives the supervised units per table; ``None``: every allowed unit completely inside.
         """
-        extent = self.tile_size * self.model_um_per_px / section.image_um_per_px
+        extent = self._extent(section)
         tile, origin, scale = read_window(
             section, centre[0] - extent / 2, centre[1] - extent / 2, extent, self.tile_size
         )
@@ -571,7 +575,7 @@ class CoverTileDataset(TileDataset):
         self.n_tiles = len(cover)
 
     def _cover(self, s: int, section: Section) -> list[tuple[int, np.ndarray, list[np.ndarray]]]:
-        extent = self.tile_size * self.model_um_per_px / section.image_um_per_px
+        extent = self._extent(section)
         free = [unit_set.allowed.copy() for unit_set in section.units]
         order = [
             (t, int(u))
