@@ -297,6 +297,13 @@ def _memory_chunks(data: Any) -> list[list[np.ndarray]] | None:
     return out
 
 
+def _root_array(a: np.ndarray) -> np.ndarray:
+    """The array that owns the memory ``a`` views (``a`` itself when it owns it)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
 def _whole_view(chunks: list[list[np.ndarray]], shape: tuple[int, ...]) -> np.ndarray | None:
     """The C-contiguous array of which the chunks are exactly the tiles, when they are views of one, else None.
 
@@ -306,9 +313,7 @@ def _whole_view(chunks: list[list[np.ndarray]], shape: tuple[int, ...]) -> np.nd
     first = chunks[0][0]
     strides, dtype = first.strides, first.dtype
     p0 = first.__array_interface__["data"][0]
-    root = first
-    while isinstance(root.base, np.ndarray):
-        root = root.base
+    root = _root_array(first)
     y = 0
     for row in chunks:
         x = 0
@@ -319,10 +324,7 @@ def _whole_view(chunks: list[list[np.ndarray]], shape: tuple[int, ...]) -> np.nd
                 or b.__array_interface__["data"][0] != (p0 + y * strides[-2] + x * strides[-1])
             ):
                 return None
-            base = b
-            while isinstance(base.base, np.ndarray):
-                base = base.base
-            if base is not root:
+            if _root_array(b) is not root:
                 return None
             x += b.shape[-1]
         y += row[0].shape[-2]
@@ -357,13 +359,12 @@ class _Raster:
         if chunks is not None and (len(chunks) > 1 or len(chunks[0]) > 1):
             whole = _whole_view(chunks, tuple(int(v) for v in data.shape))
             chunks = [[whole]] if whole is not None else chunks
+        selected = data if all_channels else data[index]
         if chunks is not None:
             chan = np.arange(n_c) if all_channels else np.asarray(index, dtype=np.int64)
-            selected = data if all_channels else data[index]
             y_b = np.r_[0, np.cumsum([row[0].shape[1] for row in chunks])]
             x_b = np.r_[0, np.cumsum([b.shape[2] for b in chunks[0]])]
             return cls(selected, chunks, chan.astype(np.int64), y_b.astype(np.int64), x_b.astype(np.int64))
-        selected = data if all_channels else data[index]
         if _is_dask(selected):
             y_b, x_b = (np.r_[0, np.cumsum(c)].astype(np.int64) for c in selected.chunks[1:])
         else:
