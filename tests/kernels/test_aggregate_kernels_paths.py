@@ -17,6 +17,7 @@ from stpredict.kernels import (
     label_lut,
     labels_sum,
     rect_sum,
+    rect_sum_units,
     shapes_sum,
 )
 
@@ -81,6 +82,74 @@ def test_gather_units(rng):
         gather_units(grid, rows - 1, cols, out)
     with pytest.raises(ValueError, match="out must be"):
         gather_units(grid, rows, cols, out[:10])
+    scale = rng.random(1000) * 3
+    gather_units(grid, rows, cols, out, scale)
+    np.testing.assert_array_equal(out, (grid[:, rows, cols] * scale).T.astype(np.float32))
+    with pytest.raises(ValueError, match="scale"):
+        gather_units(grid, rows, cols, out, scale[:-1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ny=st.integers(1, 50),
+    nx=st.integers(1, 50),
+    step=st.floats(0.4, 30.0),
+    oy=st.floats(-40.0, 0.0),
+    ox=st.floats(-40.0, 0.0),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    n_c=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_rect_sum_units_equals_grid_then_gather_bit_for_bit(ny, nx, step, oy, ox, dtype, n_c, seed):
+    # the direct path writes the same float64 sums, times the same factor, as the grid of sums and the gather
+    rng = np.random.default_rng(seed)
+    img = rng.random((n_c + 1, ny, nx)).astype(dtype)
+    chan = rng.permutation(n_c + 1)[:n_c]
+    ye = oy + step * np.arange(math.ceil((ny - oy) / step) + 2)
+    xe = ox + step * np.arange(math.ceil((nx - ox) / step) + 2)
+    ty, tx = axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx)
+    keep = rng.random((ye.size - 1, xe.size - 1)) < 0.7
+    rows, cols = np.nonzero(keep)
+    units = np.full(keep.shape, -1)
+    units[rows, cols] = rng.permutation(rows.size)  # any row order
+    scale = rng.random(rows.size) + 0.5
+    grid = np.zeros((n_c, ye.size - 1, xe.size - 1))
+    rect_sum(img, ty, tx, grid, channels=chan)
+    ref = np.empty((rows.size, n_c), dtype=np.float32)
+    order = np.argsort(units[rows, cols])
+    gather_units(grid, rows[order], cols[order], ref, scale)
+    out = np.full((rows.size, n_c), np.nan, dtype=np.float32)
+    rect_sum_units(img, ty, tx, units, scale, out, channels=chan)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_rect_sum_units_leaves_unmapped_rows_and_checks_its_arguments(rng):
+    img = rng.random((2, 12, 12))
+    edges = np.arange(0.0, 13.0, 4.0)
+    t = axis_table(edges[:-1], edges[1:], 12)
+    units = np.full((3, 3), -1)
+    units[1, 2] = 0
+    out = np.full((2, 2), 7.0, dtype=np.float32)
+    rect_sum_units(img, t, t, units, np.array([2.0, 1.0]), out)
+    np.testing.assert_allclose(out[0], 2 * img[:, 4:8, 8:12].sum(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_array_equal(out[1], [7.0, 7.0])  # no rectangle maps to row 1
+    wide = axis_table(np.arange(0.0, 13.0, 4.0), np.arange(4.0, 17.0, 4.0), 12)  # the last column is off the image
+    units_wide = np.full((3, 4), -1)
+    units_wide[0, 3] = 1
+    rect_sum_units(img, t, wide, units_wide, np.ones(2), out)
+    np.testing.assert_array_equal(out[1], [0.0, 0.0])
+    with pytest.raises(ValueError, match="float32"):
+        rect_sum_units(img, t, t, units, np.ones(2), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="float32"):
+        rect_sum_units(img, t, t, units, np.ones(2), np.zeros((2, 2), dtype=np.float32).T)
+    with pytest.raises(ValueError, match="units must be"):
+        rect_sum_units(img, t, t, units[:2], np.ones(2), out)
+    with pytest.raises(ValueError, match="units must be"):
+        rect_sum_units(img, t, t, units, np.ones(3), out)
+    with pytest.raises(ValueError, match="units must be"):
+        rect_sum_units(img, t, t, units, np.ones(2), out, channels=np.array([0]))
+    with pytest.raises(ValueError, match="rows of out"):
+        rect_sum_units(img, t, t, units + 2, np.ones(2), out)
 
 
 def test_labels_sum_reads_raw_ids_through_a_lookup_table(rng):

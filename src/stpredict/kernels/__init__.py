@@ -10,16 +10,20 @@ from ._aggregate import (
     labels_sum,
     polygon_pixel_area,
     rect_sum,
+    rect_sum_units,
     shapes_sum,
 )
+from ._names import decimal_names
 
 __all__ = [
     "axis_table",
     "circle_pixel_area",
+    "decimal_names",
     "gather_units",
     "label_lut",
     "labels_sum",
     "polygon_pixel_area",
     "rect_sum",
+    "rect_sum_units",
     "shapes_sum",
 ]

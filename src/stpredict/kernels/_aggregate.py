@@ -33,6 +33,7 @@ __all__ = [
     "labels_sum",
     "polygon_pixel_area",
     "rect_sum",
+    "rect_sum_units",
     "shapes_sum",
 ]
 
@@ -178,17 +179,24 @@ def _stream_rows(img, c, y, end, x0, x1, lo, hi, wl, wh, buf, first):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
-def _rect_sum_parallel(img, chan, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, groups, runs, out, by_off, bx_off):
-    # Separable: one task per (channel, run of consecutive bin rows). For each strip of whole bins
+def _rect_sum_parallel(
+    img, chan, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, groups, runs, out, by_off, bx_off, units, scale, xout
+):
+    # Separable: one task per (run of consecutive bin rows, channel). For each strip of whole bins
     # (groups[g] … groups[g+1]-1), the weighted sum of a bin row's pixel rows streams into a row buffer (vectorised),
     # then the column intervals of that buffer give the bins. A pixel row shared by two bin rows of the run is read
     # once and split between the buffer and the next bin row's buffer.
+    # Output: out[ci, by + by_off, bx + bx_off] += sum; or, when ``units`` is not empty (direct),
+    # xout[u, ci] = sum * scale[u] for u = units[by + by_off, bx + bx_off] >= 0. The channels of one run are
+    # consecutive tasks, so the rows of xout they write stay in cache between them.
     n_runs = runs.size - 1
     n_groups = groups.size - 1
-    for t in numba.prange(chan.size * n_runs):
-        ci = t // n_runs
+    n_c = chan.size
+    direct = units.size > 0
+    for t in numba.prange(n_c * n_runs):
+        ci = t % n_c
         c = chan[ci]
-        run = t % n_runs
+        run = t // n_c
         r_a = runs[run]
         r_b = runs[run + 1]
         for g in range(n_groups):
@@ -241,9 +249,13 @@ def _rect_sum_parallel(img, chan, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, gr
                 pf_row = pf0
                 pf_col = x0
                 for bx in range(b0, b1):
-                    out[ci, by + by_off, bx + bx_off] += _row_interval(
-                        buf, xlo[bx] - x0, xhi[bx] - x0, xwlo[bx], xwhi[bx]
-                    )
+                    v = _row_interval(buf, xlo[bx] - x0, xhi[bx] - x0, xwlo[bx], xwhi[bx])
+                    if direct:
+                        u = units[by + by_off, bx + bx_off]
+                        if u >= 0:
+                            xout[u, ci] = v * scale[u]
+                    else:
+                        out[ci, by + by_off, bx + bx_off] += v
                     for _ in range(per_bin):
                         if pf_row < pf1:
                             _prefetch(img[c, pf_row], pf_col)
@@ -257,9 +269,9 @@ def _rect_sum_parallel(img, chan, ylo, yhi, ywlo, ywhi, xlo, xhi, xwlo, xwhi, gr
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _gather_units(grid, rows, cols, out):
-    # out[k, c] = grid[c, rows[k], cols[k]], in blocks of units so that reads run along grid rows and the strided
-    # writes stay in cache; unsigned flat indices (validated by the caller) need no negative-index handling
+def _gather_units(grid, rows, cols, scale, out):
+    # out[k, c] = grid[c, rows[k], cols[k]] * scale[k], in blocks of units so that reads run along grid rows and the
+    # strided writes stay in cache; unsigned flat indices (validated by the caller) need no negative-index handling
     n = rows.size
     n_c = grid.shape[0]
     nbx = grid.shape[2]
@@ -274,30 +286,37 @@ def _gather_units(grid, rows, cols, out):
         for c in range(n_c):
             src = flat[c]
             for k in range(k1 - k0):
-                out[k0 + k, c] = src[idx[k]]
+                out[k0 + k, c] = src[idx[k]] * scale[k0 + k]
 
 
-def gather_units(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> None:
-    """``out[k, c] = grid[c, rows[k], cols[k]]``: per-unit rows of a ``(c, n_rows, n_cols)`` grid of sums.
+def gather_units(
+    grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.ndarray, scale: np.ndarray | None = None
+) -> None:
+    """``out[k, c] = grid[c, rows[k], cols[k]] · scale[k]``: per-unit rows of a ``(c, n_rows, n_cols)`` grid of sums.
 
-    ``out`` is ``(len(rows), c)`` (e.g. float32, the table's ``X``); the cast happens on the way.
+    ``out`` is ``(len(rows), c)`` (e.g. float32, the table's ``X``); the product is taken in float64 and cast on
+    the way. ``scale`` defaults to ones.
     """
     rows = np.asarray(rows, dtype=np.int64)
     cols = np.asarray(cols, dtype=np.int64)
     if rows.size == 0:
         return
     n_c, n_rows, n_cols = grid.shape
-    if out.shape != (rows.size, n_c) or cols.shape != rows.shape:
-        msg = f"out must be (len(rows), {n_c}) and cols like rows, got {out.shape}, {rows.shape}, {cols.shape}."
+    scale = np.ones(rows.size) if scale is None else np.ascontiguousarray(scale, dtype=np.float64)
+    if out.shape != (rows.size, n_c) or cols.shape != rows.shape or scale.shape != rows.shape:
+        msg = (
+            f"out must be (len(rows), {n_c}), cols and scale like rows, got {out.shape}, {rows.shape}, "
+            f"{cols.shape}, {scale.shape}."
+        )
         raise ValueError(msg)
     if rows.min() < 0 or rows.max() >= n_rows or cols.min() < 0 or cols.max() >= n_cols:
         msg = f"rows and cols must index the grid's {n_rows} × {n_cols} units."
         raise ValueError(msg)
     grid = np.ascontiguousarray(grid)
     if _parallel_ok():
-        _gather_units(grid, rows, cols, out)
+        _gather_units(grid, rows, cols, scale, out)
     else:
-        _gather_units_serial(grid, rows, cols, out)
+        _gather_units_serial(grid, rows, cols, scale, out)
 
 
 @numba.njit(cache=True)
@@ -370,10 +389,92 @@ def rect_sum(
     if x_table[0].size == 0 or y_table[0].size == 0:
         return
     chan = _channels(channels, img.shape[0])
+    _rect_kernel(img, chan, y_table, x_table, out, offset, _NO_UNITS, _NO_SCALE, _NO_X)
+
+
+#: Placeholders for the arguments of the mode of :func:`_rect_sum_parallel` not used (same types: one compilation).
+_NO_UNITS = np.empty((0, 0), dtype=np.int64)
+_NO_SCALE = np.empty(0, dtype=np.float64)
+_NO_X = np.empty((0, 0), dtype=np.float32)
+_NO_OUT = np.empty((0, 0, 0), dtype=np.float64)
+
+
+def _rect_kernel(
+    img: np.ndarray,
+    chan: np.ndarray,
+    y_table: tuple[np.ndarray, ...],
+    x_table: tuple[np.ndarray, ...],
+    out: np.ndarray,
+    offset: tuple[int, int],
+    units: np.ndarray,
+    scale: np.ndarray,
+    xout: np.ndarray,
+) -> None:
+    """Run :func:`_rect_sum_parallel` (or its serial twin off the main thread) in one of its two output modes."""
     groups = _strip_groups(x_table[0], x_table[1])
     runs = _runs(np.asarray(y_table[0], dtype=np.int64), np.asarray(y_table[1], dtype=np.int64), _RUN_ROWS)
     kernel = _rect_sum_parallel if _parallel_ok() else _rect_sum_serial
-    kernel(np.ascontiguousarray(img), chan, *y_table, *x_table, groups, runs, out, int(offset[0]), int(offset[1]))
+    kernel(
+        np.ascontiguousarray(img), chan, *y_table, *x_table, groups, runs, out, int(offset[0]), int(offset[1]),
+        units, scale, xout,
+    )  # fmt: skip
+
+
+def rect_sum_units(
+    img: np.ndarray,
+    y_table: tuple[np.ndarray, ...],
+    x_table: tuple[np.ndarray, ...],
+    units: np.ndarray,
+    scale: np.ndarray,
+    out: np.ndarray,
+    channels: np.ndarray | None = None,
+) -> None:
+    """Write ``scale[u] · Σ_pixels overlap(pixel, rectangle) · img[c, pixel]`` straight into a table's rows.
+
+    The same sums as :func:`rect_sum`, for a raster that holds the rectangles whole (each unit is computed in one
+    call, so it is assigned, not added), written as ``out[u, i]`` for unit ``u = units[r, k]`` of rectangle
+    ``(r, k)`` and channel ``channels[i]``: no grid of sums, no gather, and the per-unit factor (a mean's
+    ``1 / n_pixels``, a density's pixel area) applied on the way.
+
+    Parameters
+    ----------
+    img
+        ``(c, ny, nx)`` float32 or float64 raster (C-contiguous, or it is copied).
+    y_table, x_table
+        :func:`axis_table` of the rectangles' row and column intervals in ``img``'s pixel space.
+    units
+        ``(n_rows, n_cols)`` integer row of ``out`` per rectangle; negative: not computed.
+    scale
+        ``(len(out),)`` factor per unit.
+    out
+        ``(n_units, n_channels)`` float32 C-contiguous array (e.g. ``X``); rows no rectangle maps to are untouched,
+        rows of rectangles outside ``img`` are 0.
+    channels
+        Channels of ``img`` to aggregate (default all).
+    """
+    chan = _channels(channels, img.shape[0])
+    n_rows, n_cols = y_table[0].size, x_table[0].size
+    units = np.ascontiguousarray(units, dtype=np.int64)
+    scale = np.ascontiguousarray(scale, dtype=np.float64)
+    if out.dtype != np.float32 or out.ndim != 2 or not out.flags.c_contiguous or not out.flags.writeable:
+        msg = f"out must be a writeable C-contiguous 2-D float32 array, got {out.dtype} with shape {out.shape}."
+        raise ValueError(msg)
+    if units.shape != (n_rows, n_cols) or out.shape[1] != chan.size or scale.shape != (out.shape[0],):
+        msg = (
+            f"units must be ({n_rows}, {n_cols}), out (n_units, {chan.size}) and scale (n_units,), got "
+            f"{units.shape}, {out.shape} and {scale.shape}."
+        )
+        raise ValueError(msg)
+    if n_rows == 0 or n_cols == 0 or units.size == 0:
+        return
+    if units.max() >= out.shape[0]:
+        msg = f"units must index the {out.shape[0]} rows of out, got up to {units.max()}."
+        raise ValueError(msg)
+    # the kernel skips empty bin rows and strips: their units get 0 here
+    empty = (y_table[1] <= y_table[0])[:, None] | (x_table[1] <= x_table[0])[None, :]
+    missed = units[empty]
+    out[missed[missed >= 0]] = 0.0
+    _rect_kernel(img, chan, y_table, x_table, _NO_OUT, (0, 0), units, scale, out)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)

@@ -11,6 +11,7 @@ from stpredict._geometry import apply_affine, to_um_affine
 from stpredict._keys import Attrs, Keys
 from stpredict._logging import get_logger
 from stpredict._validation import check_raw_counts
+from stpredict.kernels import decimal_names
 from stpredict.tl._aggregate import ID_STRIDE, bins_geodataframe, grid_from_args, grid_transformations
 
 if TYPE_CHECKING:
@@ -125,11 +126,11 @@ def bin(
             "n_units": np.bincount(unit_bin, minlength=n_bins),
             "area_um2": np.full(n_bins, grid.size**2),
         },
-        index=uniq.astype(str),
+        index=pd.Index(decimal_names(uniq), dtype=object, copy=False),
     )
     key = key_added or Keys.binned(table_key, grid.size)
     shapes_key = f"{key}_bins"
-    obs[Keys.region_key] = pd.Categorical([shapes_key] * n_bins)
+    obs[Keys.region_key] = pd.Categorical.from_codes(np.zeros(n_bins, dtype=np.int8), categories=[shapes_key])
     centres = np.c_[grid.x0 + (b_col + 0.5) * grid.size, grid.y0 + (b_row + 0.5) * grid.size]
     out = AnnData(X=x, obs=obs, var=adata.var.copy(), obsm={"spatial": centres})
     params: dict[str, Any] = {"table_key": table_key, "assignment": "centre", "spatial_space": "um", "layer": layer}

@@ -47,7 +47,16 @@ from stpredict._keys import Attrs, Keys
 from stpredict._logging import get_logger
 from stpredict._meta import get_element_meta
 from stpredict._settings import settings
-from stpredict.kernels import axis_table, gather_units, label_lut, labels_sum, rect_sum, shapes_sum
+from stpredict.kernels import (
+    axis_table,
+    decimal_names,
+    gather_units,
+    label_lut,
+    labels_sum,
+    rect_sum,
+    rect_sum_units,
+    shapes_sum,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -375,6 +384,12 @@ class _Raster:
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(v) for v in self.data.shape)
 
+    def in_memory_whole(self) -> np.ndarray | None:
+        """The raster as one float array in memory (all channels, read where it is), or None."""
+        if self.chunks is None or self.y_bounds.size != 2 or self.x_bounds.size != 2:
+            return None
+        return self.chunks[0][0]
+
     def tiles(self, block_bytes: int, rows: tuple[int, int] | None = None) -> list[tuple[int, ...]]:
         """Tiles ``(y0, y1, x0, x1)``: the in-memory chunks, else chunk-aligned tiles of at most ``block_bytes``.
 
@@ -595,7 +610,8 @@ def _bins(
     tissue: str | None,
     block_bytes: int,
     show: bool | None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+    """``X`` (float32, finished values), ``obs`` columns and the unit of ``"sum"`` of the bins meeting the map."""
     a = m.to_um
     if not _axis_aligned(a):
         msg = (
@@ -641,22 +657,30 @@ def _bins(
         tissue_frac = t_area / bin_area_t
         keep_grid &= t_area > 0
     r, c = np.nonzero(keep_grid)  # the kept bins, row-major: each band's bins are one slice
-    starts = np.searchsorted(r, np.arange(keep_grid.shape[0] + 1))
-    sums = np.empty((r.size, n_c), dtype=np.float32)  # X is float32; keeps memory low
-    filled = np.zeros(keep_grid.shape[0], dtype=bool)
-    for r0, r1, band in _grid_bands(m.data, ye, xe, block_bytes, show, f"aggregate {m.key}"):
-        k0, k1 = starts[r0], starts[r1]
-        gather_units(band, r[k0:k1] - r0, c[k0:k1], sums[k0:k1])
-        filled[r0:r1] = True
-    if not filled[r].all():
-        msg = "internal: a bin row with kept bins was not aggregated"
-        raise AssertionError(msg)
     if r.size == 0:
         msg = f"No bin of {grid.size:g} µm meets the tissue of {m.key!r}; check `tissue_key` and the grid origin."
         raise InputError(msg)
     array_row, array_col = r + ky0, c + kx0
     ids = grid.ids(array_row, array_col)
     px = n_px[r, c]
+    scale, sum_unit = _unit_scale(px, m)
+    x = np.empty((r.size, n_c), dtype=np.float32)  # X is float32; keeps memory low
+    whole = m.data.in_memory_whole()
+    if whole is not None:  # each bin is computed whole: its row of X is written directly, scaled on the way
+        units = np.full(keep_grid.shape, -1, dtype=np.int64)
+        units[r, c] = np.arange(r.size)
+        ty, tx = axis_table(ye[:-1], ye[1:], ny), axis_table(xe[:-1], xe[1:], nx)
+        rect_sum_units(whole, ty, tx, units, scale, x, channels=m.data.chan)
+    else:
+        starts = np.searchsorted(r, np.arange(keep_grid.shape[0] + 1))
+        filled = np.zeros(keep_grid.shape[0], dtype=bool)
+        for r0, r1, band in _grid_bands(m.data, ye, xe, block_bytes, show, f"aggregate {m.key}"):
+            k0, k1 = starts[r0], starts[r1]
+            gather_units(band, r[k0:k1] - r0, c[k0:k1], x[k0:k1], scale[k0:k1])
+            filled[r0:r1] = True
+        if not filled[r].all():
+            msg = "internal: a bin row with kept bins was not aggregated"
+            raise AssertionError(msg)
     centres = np.c_[grid.x0 + (array_col + 0.5) * grid.size, grid.y0 + (array_row + 0.5) * grid.size]
     obs = {
         Keys.instance_key: ids,
@@ -668,7 +692,7 @@ def _bins(
     }
     if tissue_frac is not None:
         obs["tissue_fraction"] = tissue_frac[r, c]
-    return sums, obs
+    return x, obs, sum_unit
 
 
 def _shape_geometry(sdata: SpatialData, shapes_key: str, image_key: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -898,18 +922,26 @@ def _labels(
 # Public function
 
 
-def _finish(sums: np.ndarray, obs: dict[str, np.ndarray], m: _Map) -> tuple[np.ndarray, str]:
-    """Values from the raw pixel-overlap sums, and the unit of ``"sum"``."""
-    n_px = obs["n_pixels"]
-    sums = sums.astype(np.float32, copy=False)
+def _unit_scale(n_px: np.ndarray, m: _Map) -> tuple[np.ndarray, str]:
+    """Factor per unit from the raw pixel-overlap sum to the value, and the unit of ``"sum"``.
+
+    ``"mean"`` divides by the unit's pixel count; ``"sum"`` of a density map multiplies by the pixel area (µm²), of
+    any other map keeps pixel sums.
+    """
+    n_px = np.asarray(n_px, dtype=np.float64)
     if m.reduce == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
-            sums /= n_px[:, None].astype(np.float32)
-        return sums, "mean"
+            return 1.0 / n_px, "mean"
     if m.value_kind == Attrs.density:
-        sums *= np.float32(m.px_area_um2)
-        return sums, "um2"
-    return sums, "px"
+        return np.full(n_px.size, float(m.px_area_um2)), "um2"
+    return np.ones(n_px.size), "px"
+
+
+def _finish(sums: np.ndarray, obs: dict[str, np.ndarray], m: _Map) -> tuple[np.ndarray, str]:
+    """Float32 values from float64 raw pixel-overlap sums (scaled in place), and the unit of ``"sum"``."""
+    scale, sum_unit = _unit_scale(obs["n_pixels"], m)
+    sums *= scale[:, None]
+    return sums.astype(np.float32), sum_unit
 
 
 def aggregate(
@@ -1011,29 +1043,32 @@ def aggregate(
             )
             raise InputError(msg)
         tissue = _tissue_key(sdata, image_key, tissue_key)
-        sums, obs = _bins(sdata, m, grid, tissue, block_bytes, show_progress_bar)
+        x, obs, sum_unit = _bins(sdata, m, grid, tissue, block_bytes, show_progress_bar)
         key = key_added or Keys.binned(image_key, grid.size)
         region = f"{key}_bins"
         params |= grid.params() | {"tissue_key": tissue, "align_to": align_to, "spatial_space": "um"}
     elif shapes_key is not None:
         sums, obs = _shapes(sdata, m, shapes_key, block_bytes, show_progress_bar)
+        x, sum_unit = _finish(sums, obs, m)
         key = key_added or f"{image_key}_{shapes_key}"
         region = shapes_key
         params |= {"shapes_key": shapes_key, "spatial_space": "intrinsic"}
     else:
         sums, obs = _labels(sdata, m, labels_key, block_bytes, show_progress_bar)
+        x, sum_unit = _finish(sums, obs, m)
         key = key_added or f"{image_key}_{labels_key}"
         region = labels_key
         params |= {"labels_key": labels_key, "spatial_space": "intrinsic"}
     if inplace and key in sdata.tables:
         logger.info("Overwriting table %r.", key)
-    x, sum_unit = _finish(sums, obs, m)
     params["sum_unit"] = sum_unit
     spatial = obs.pop("spatial")
     import anndata
     import pandas as pd
 
-    names = np.array(list(map(str, np.asarray(obs[Keys.instance_key]).tolist())), dtype=object)
+    ids = np.asarray(obs[Keys.instance_key])
+    integer = np.issubdtype(ids.dtype, np.integer)
+    names = decimal_names(ids) if integer else np.array(list(map(str, ids.tolist())), dtype=object)
     obs_df = pd.DataFrame(obs, index=pd.Index(names, dtype=object, copy=False))
     obs_df[Keys.region_key] = pd.Categorical.from_codes(np.zeros(len(obs_df), dtype=np.int8), categories=[region])
     # bin and label ids are unique by construction; a shapes element's index is the user's, so it is checked
