@@ -111,71 +111,86 @@ def _row_weight(y, lo, hi, w_lo, w_hi):
 
 #: Columns per strip of the row buffer (64 KiB of float64), bounding the per-task buffer for very wide maps.
 _STRIP = 8192
-#: Pixel rows per task of :func:`rect_sum` (a run of whole bin rows): enough tasks for the threads, and long runs
-#: so that the pixel row shared by two bin rows is read once.
+#: Pixel rows per task of :func:`rect_sum` (a run of whole bin rows): enough tasks for the threads, each long enough
+#: for the hardware prefetchers.
 _RUN_ROWS = 64
 
 
 @numba.njit(inline="always")
-def _stream_rows(img, c, y, end, x0, x1, lo, hi, wl, wh, buf, first):
-    # buf (+)= Σ_{y <= row < end} weight(row) · img[c, row, x0:x1], four rows per pass over the buffer (a quarter of
-    # its loads and stores), the last one to three rows in one pass; ``first`` assigns instead of adding (no zeroing
-    # pass). Returns whether buf is still empty.
-    while y + 4 <= end:
-        w0 = _row_weight(y, lo, hi, wl, wh)
-        w1 = _row_weight(y + 1, lo, hi, wl, wh)
-        w2 = _row_weight(y + 2, lo, hi, wl, wh)
-        w3 = _row_weight(y + 3, lo, hi, wl, wh)
-        r0 = img[c, y, x0:x1]
-        r1 = img[c, y + 1, x0:x1]
-        r2 = img[c, y + 2, x0:x1]
-        r3 = img[c, y + 3, x0:x1]
-        if first:
-            for i in range(r0.size):  # indices from 0: no wraparound checks, so LLVM vectorises
-                buf[i] = (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
-            first = False
-        else:
-            for i in range(r0.size):
-                buf[i] += (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
-        y += 4
-    rest = end - y  # 0-3 rows left: one more pass
-    if rest == 3:
-        w0 = _row_weight(y, lo, hi, wl, wh)
-        w1 = _row_weight(y + 1, lo, hi, wl, wh)
-        w2 = _row_weight(y + 2, lo, hi, wl, wh)
-        r0 = img[c, y, x0:x1]
-        r1 = img[c, y + 1, x0:x1]
-        r2 = img[c, y + 2, x0:x1]
-        if first:
-            for i in range(r0.size):
-                buf[i] = (w0 * r0[i] + w1 * r1[i]) + w2 * r2[i]
-            first = False
-        else:
-            for i in range(r0.size):
-                buf[i] += (w0 * r0[i] + w1 * r1[i]) + w2 * r2[i]
-    elif rest == 2:
-        w0 = _row_weight(y, lo, hi, wl, wh)
-        w1 = _row_weight(y + 1, lo, hi, wl, wh)
-        r0 = img[c, y, x0:x1]
-        r1 = img[c, y + 1, x0:x1]
-        if first:
-            for i in range(r0.size):
-                buf[i] = w0 * r0[i] + w1 * r1[i]
-            first = False
-        else:
-            for i in range(r0.size):
-                buf[i] += w0 * r0[i] + w1 * r1[i]
-    elif rest == 1:
-        w0 = _row_weight(y, lo, hi, wl, wh)
-        r0 = img[c, y, x0:x1]
+def _pass(img, c, y, k, x0, x1, lo, hi, wl, wh, buf, first):
+    # buf (+)= Σ_{y <= row < y+k} weight(row) · img[c, row, x0:x1], 1 <= k <= 6, in one pass over buf
+    w0 = _row_weight(y, lo, hi, wl, wh)
+    r0 = img[c, y, x0:x1]
+    if k == 1:
         if first:
             for i in range(r0.size):
                 buf[i] = w0 * r0[i]
-            first = False
         else:
             for i in range(r0.size):
                 buf[i] += w0 * r0[i]
-    return first
+        return
+    w1 = _row_weight(y + 1, lo, hi, wl, wh)
+    r1 = img[c, y + 1, x0:x1]
+    if k == 2:
+        if first:
+            for i in range(r0.size):
+                buf[i] = w0 * r0[i] + w1 * r1[i]
+        else:
+            for i in range(r0.size):
+                buf[i] += w0 * r0[i] + w1 * r1[i]
+        return
+    w2 = _row_weight(y + 2, lo, hi, wl, wh)
+    r2 = img[c, y + 2, x0:x1]
+    if k == 3:
+        if first:
+            for i in range(r0.size):
+                buf[i] = (w0 * r0[i] + w1 * r1[i]) + w2 * r2[i]
+        else:
+            for i in range(r0.size):
+                buf[i] += (w0 * r0[i] + w1 * r1[i]) + w2 * r2[i]
+        return
+    w3 = _row_weight(y + 3, lo, hi, wl, wh)
+    r3 = img[c, y + 3, x0:x1]
+    if k == 4:
+        if first:
+            for i in range(r0.size):
+                buf[i] = (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
+        else:
+            for i in range(r0.size):
+                buf[i] += (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i])
+        return
+    w4 = _row_weight(y + 4, lo, hi, wl, wh)
+    r4 = img[c, y + 4, x0:x1]
+    if k == 5:
+        if first:
+            for i in range(r0.size):
+                buf[i] = (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i]) + w4 * r4[i]
+        else:
+            for i in range(r0.size):
+                buf[i] += (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i]) + w4 * r4[i]
+        return
+    w5 = _row_weight(y + 5, lo, hi, wl, wh)
+    r5 = img[c, y + 5, x0:x1]
+    if first:
+        for i in range(r0.size):
+            buf[i] = (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i]) + (w4 * r4[i] + w5 * r5[i])
+    else:
+        for i in range(r0.size):
+            buf[i] += (w0 * r0[i] + w1 * r1[i]) + (w2 * r2[i] + w3 * r3[i]) + (w4 * r4[i] + w5 * r5[i])
+
+
+@numba.njit(inline="always")
+def _stream_rows(img, c, lo, hi, x0, x1, wl, wh, buf):
+    # buf = Σ_{lo <= row < hi} weight(row) · img[c, row, x0:x1] (hi > lo): passes of four rows, the last of up to six,
+    # so no pass over the buffer (a load and a store per column) carries only one or two rows; the first assigns
+    y = lo
+    first = True
+    while y < hi:
+        n = hi - y
+        k = n if n <= 6 else 4
+        _pass(img, c, y, k, x0, x1, lo, hi, wl, wh, buf, first)
+        first = False
+        y += k
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
@@ -184,8 +199,8 @@ def _rect_sum_parallel(
 ):
     # Separable: one task per (run of consecutive bin rows, channel). For each strip of whole bins
     # (groups[g] … groups[g+1]-1), the weighted sum of a bin row's pixel rows streams into a row buffer (vectorised),
-    # then the column intervals of that buffer give the bins. A pixel row shared by two bin rows of the run is read
-    # once and split between the buffer and the next bin row's buffer.
+    # then the column intervals of that buffer give the bins. A pixel row cut by a bin edge is read for both bin rows,
+    # the second time from cache (splitting it between two buffers in one pass cost more than the read).
     # Output: out[ci, by + by_off, bx + bx_off] += sum; or, when ``units`` is not empty (direct),
     # xout[u, ci] = sum * scale[u] for u = units[by + by_off, bx + bx_off] >= 0. The channels of one run are
     # consecutive tasks, so the rows of xout they write stay in cache between them.
@@ -210,31 +225,11 @@ def _rect_sum_parallel(
             if x1 <= x0:
                 continue
             buf = np.empty(x1 - x0, dtype=np.float64)
-            nxt = np.empty(x1 - x0, dtype=np.float64)
-            carried = False  # buf already holds this bin row's first pixel row (read with the previous bin row)
             for by in range(r_a, r_b):
                 lo, hi, wl, wh = ylo[by], yhi[by], ywlo[by], ywhi[by]
                 if hi <= lo:
-                    carried = False
                     continue
-                y = lo + 1 if carried else lo
-                # the last pixel row is also the next bin row's first: read it once for both
-                share = y < hi and by + 1 < r_b and ylo[by + 1] == hi - 1 and yhi[by + 1] > hi - 1
-                first = _stream_rows(img, c, y, hi - 1 if share else hi, x0, x1, lo, hi, wl, wh, buf, not carried)
-                if share:
-                    w0 = _row_weight(hi - 1, lo, hi, wl, wh)
-                    wn = ywlo[by + 1]
-                    r0 = img[c, hi - 1, x0:x1]
-                    if first:
-                        for i in range(r0.size):
-                            buf[i] = w0 * r0[i]
-                            nxt[i] = wn * r0[i]
-                    else:
-                        for i in range(r0.size):
-                            buf[i] += w0 * r0[i]
-                            nxt[i] = wn * r0[i]
-                elif first:
-                    buf[:] = 0.0
+                _stream_rows(img, c, lo, hi, x0, x1, wl, wh, buf)
                 # the next bin row's pixel rows are prefetched, a few cache lines per bin, while this one's bins are
                 # summed from the buffer, so the memory reads go on during that computation (row and column counters:
                 # an integer division per prefetch cost more than the prefetch saved)
@@ -263,9 +258,6 @@ def _rect_sum_parallel(
                             if pf_col >= x1:
                                 pf_col = x0
                                 pf_row += 1
-                if share:
-                    buf, nxt = nxt, buf
-                carried = share
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
