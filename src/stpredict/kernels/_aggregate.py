@@ -111,9 +111,16 @@ def _row_weight(y, lo, hi, w_lo, w_hi):
 
 #: Columns per strip of the row buffer (64 KiB of float64), bounding the per-task buffer for very wide maps.
 _STRIP = 8192
-#: Pixel rows per task of :func:`rect_sum` (a run of whole bin rows): enough tasks for the threads, each long enough
-#: for the hardware prefetchers.
-_RUN_ROWS = 64
+#: Pixel rows per task of :func:`rect_sum` (a run of whole bin rows). Long runs keep the reads streaming: each bin
+#: row's pixel rows are prefetched during the previous bin row, so only a run's first bin row is read cold (256 rows
+#: read 5-15 % faster than 64 on the benchmark map; 1024 no better). Shorter where needed for four tasks per thread.
+_RUN_ROWS = 256
+
+
+def _run_rows(ny: int, n_channels: int) -> int:
+    """Pixel rows per task: :data:`_RUN_ROWS`, or fewer so that every thread gets about four tasks."""
+    tasks_wanted = 4 * numba.get_num_threads()
+    return int(min(_RUN_ROWS, max(8, -(-ny * n_channels // tasks_wanted))))
 
 
 @numba.njit(inline="always")
@@ -404,7 +411,8 @@ def _rect_kernel(
 ) -> None:
     """Run :func:`_rect_sum_parallel` (or its serial twin off the main thread) in one of its two output modes."""
     groups = _strip_groups(x_table[0], x_table[1])
-    runs = _runs(np.asarray(y_table[0], dtype=np.int64), np.asarray(y_table[1], dtype=np.int64), _RUN_ROWS)
+    run_rows = _run_rows(int(img.shape[1]), int(chan.size))
+    runs = _runs(np.asarray(y_table[0], dtype=np.int64), np.asarray(y_table[1], dtype=np.int64), run_rows)
     kernel = _rect_sum_parallel if _parallel_ok() else _rect_sum_serial
     kernel(
         np.ascontiguousarray(img), chan, *y_table, *x_table, groups, runs, out, int(offset[0]), int(offset[1]),
