@@ -665,6 +665,9 @@ def _bins(
     px = n_px[r, c]
     scale, sum_unit = _unit_scale(px, m)
     x = np.empty((r.size, n_c), dtype=np.float32)  # X is float32; keeps memory low
+    # touch the fresh pages once, in order: faulting them in from the kernel threads' scattered row writes cost
+    # 40-60 ms more at 263,169 bins x 50 genes than this pass (about 10 ms)
+    x.fill(0)
     whole = m.data.in_memory_whole()
     if whole is not None:  # each bin is computed whole: its row of X is written directly, scaled on the way
         units = np.full(keep_grid.shape, -1, dtype=np.int64)
