@@ -361,6 +361,35 @@ def _channels(channels: np.ndarray | None, n_c: int) -> np.ndarray:
     return chan
 
 
+#: Placeholders for the arguments of the mode of :func:`_rect_sum_parallel` not used (same types: one compilation).
+_NO_UNITS = np.empty((0, 0), dtype=np.int64)
+_NO_SCALE = np.empty(0, dtype=np.float64)
+_NO_X = np.empty((0, 0), dtype=np.float32)
+_NO_OUT = np.empty((0, 0, 0), dtype=np.float64)
+
+
+def _rect_kernel(
+    img: np.ndarray,
+    chan: np.ndarray,
+    y_table: tuple[np.ndarray, ...],
+    x_table: tuple[np.ndarray, ...],
+    out: np.ndarray,
+    offset: tuple[int, int],
+    units: np.ndarray,
+    scale: np.ndarray,
+    xout: np.ndarray,
+) -> None:
+    """Run :func:`_rect_sum_parallel` (or its serial twin off the main thread) in one of its two output modes."""
+    groups = _strip_groups(x_table[0], x_table[1])
+    run_rows = _run_rows(int(img.shape[1]), int(chan.size))
+    runs = _runs(np.asarray(y_table[0], dtype=np.int64), np.asarray(y_table[1], dtype=np.int64), run_rows)
+    kernel = _rect_sum_parallel if _parallel_ok() else _rect_sum_serial
+    kernel(
+        np.ascontiguousarray(img), chan, *y_table, *x_table, groups, runs, out, int(offset[0]), int(offset[1]),
+        units, scale, xout,
+    )  # fmt: skip
+
+
 def rect_sum(
     img: np.ndarray,
     y_table: tuple[np.ndarray, ...],
@@ -389,35 +418,6 @@ def rect_sum(
         return
     chan = _channels(channels, img.shape[0])
     _rect_kernel(img, chan, y_table, x_table, out, offset, _NO_UNITS, _NO_SCALE, _NO_X)
-
-
-#: Placeholders for the arguments of the mode of :func:`_rect_sum_parallel` not used (same types: one compilation).
-_NO_UNITS = np.empty((0, 0), dtype=np.int64)
-_NO_SCALE = np.empty(0, dtype=np.float64)
-_NO_X = np.empty((0, 0), dtype=np.float32)
-_NO_OUT = np.empty((0, 0, 0), dtype=np.float64)
-
-
-def _rect_kernel(
-    img: np.ndarray,
-    chan: np.ndarray,
-    y_table: tuple[np.ndarray, ...],
-    x_table: tuple[np.ndarray, ...],
-    out: np.ndarray,
-    offset: tuple[int, int],
-    units: np.ndarray,
-    scale: np.ndarray,
-    xout: np.ndarray,
-) -> None:
-    """Run :func:`_rect_sum_parallel` (or its serial twin off the main thread) in one of its two output modes."""
-    groups = _strip_groups(x_table[0], x_table[1])
-    run_rows = _run_rows(int(img.shape[1]), int(chan.size))
-    runs = _runs(np.asarray(y_table[0], dtype=np.int64), np.asarray(y_table[1], dtype=np.int64), run_rows)
-    kernel = _rect_sum_parallel if _parallel_ok() else _rect_sum_serial
-    kernel(
-        np.ascontiguousarray(img), chan, *y_table, *x_table, groups, runs, out, int(offset[0]), int(offset[1]),
-        units, scale, xout,
-    )  # fmt: skip
 
 
 def rect_sum_units(
