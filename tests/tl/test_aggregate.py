@@ -253,6 +253,37 @@ def test_align_to_and_genes(rng):
     assert math.isclose((1 - gx0) % 2, 0, abs_tol=1e-9)
 
 
+def test_grid_origin_from_squares_circles_and_refusals():
+    from stpredict.tl._aggregate import _grid_origin_from_shapes
+
+    sdata = SpatialData()
+    # 2 µm squares with corners at (0.6, 1.4) + 2k µm, stored at 0.5 µm per intrinsic unit
+    xs, ys = np.meshgrid(np.arange(0.6, 20, 2.0), np.arange(1.4, 20, 2.0))
+    boxes = shapely.box(2 * xs.ravel(), 2 * ys.ravel(), 2 * xs.ravel() + 4, 2 * ys.ravel() + 4)
+    sdata.shapes["squares"] = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=boxes), transformations={"um": Scale([0.5, 0.5], axes=("x", "y"))}
+    )
+    assert _grid_origin_from_shapes(sdata, "squares") == pytest.approx((0.6, 1.4))
+    # circles of a 5 µm lattice, centres at (3, 4) + 5k µm: corners at (0.5, 1.5) + 5k
+    cx, cy = np.meshgrid(np.arange(3.0, 40, 5.0), np.arange(4.0, 40, 5.0))
+    sdata.shapes["spots"] = ShapesModel.parse(
+        np.c_[cx.ravel(), cy.ravel()], geometry=0, radius=np.full(cx.size, 2.0), transformations={"um": Identity()}
+    )
+    assert _grid_origin_from_shapes(sdata, "spots") == pytest.approx((0.5, 1.5))
+    # the same squares rotated by 10° about the origin: not an axis-aligned lattice in µm
+    rotated = shapely.affinity.rotate(shapely.MultiPolygon(list(boxes)), 10, origin=(0, 0))
+    sdata.shapes["rotated"] = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=list(rotated.geoms)), transformations={"um": Identity()}
+    )
+    with pytest.raises(InputError, match="axis-aligned square lattice"):
+        _grid_origin_from_shapes(sdata, "rotated")
+    sdata.shapes["one_spot"] = ShapesModel.parse(
+        np.array([[3.0, 4.0]]), geometry=0, radius=np.array([2.0]), transformations={"um": Identity()}
+    )
+    with pytest.raises(InputError, match="pitch"):
+        _grid_origin_from_shapes(sdata, "one_spot")
+
+
 def test_bad_input_leaves_data_unchanged(rng):
     values = rng.random((3, 16, 16)).astype(np.float32)
     sdata = _sdata(values, scale=1.0, kind="density")

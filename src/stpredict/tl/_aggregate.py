@@ -138,16 +138,19 @@ def _grid_origin_from_shapes(sdata: SpatialData, key: str) -> tuple[float, float
     if len(shapes) == 0:
         msg = f"Shapes {key!r} are empty; `align_to` needs an existing grid of bins."
         raise InputError(msg)
-    centres = shapely.get_coordinates(shapes.geometry.centroid)
-    um = apply_affine(to_um_affine(sdata, key), centres)
+    to_um = to_um_affine(sdata, key)
+    geoms = shapes.geometry.to_numpy()
     if "radius" in shapes.columns and (shapes.geometry.geom_type == "Point").all():
-        pitch_guess = None
+        um = apply_affine(to_um, shapely.get_coordinates(geoms))
+        xs = np.unique(np.round(um[:, 0], 6))
+        pitch = float(np.median(np.diff(xs))) if xs.size > 1 else None
     else:
-        b = shapely.bounds(shapes.geometry.to_numpy())
-        corners = apply_affine(to_um_affine(sdata, key), b[:, :2]), apply_affine(to_um_affine(sdata, key), b[:, 2:])
-        pitch_guess = float(np.median(np.abs(corners[1][:, 0] - corners[0][:, 0])))
-    xs = np.unique(np.round(um[:, 0], 6))
-    pitch = pitch_guess if pitch_guess else float(np.median(np.diff(xs))) if xs.size > 1 else None
+        # bounding-box centres: the centroids of square bins (also rotated ones), without shapely's centroid pass
+        # (1.3 s for 2.25 million boxes)
+        b = shapely.bounds(geoms)
+        lo, hi = apply_affine(to_um, b[:, :2]), apply_affine(to_um, b[:, 2:])
+        um = (lo + hi) / 2
+        pitch = float(np.median(np.abs(hi[:, 0] - lo[:, 0])))
     if not pitch or pitch <= 0:
         msg = f"Cannot find the pitch of the grid {key!r}; pass `origin_um=(x0, y0)` instead of `align_to`."
         raise InputError(msg)
