@@ -6,33 +6,20 @@ squidpy and dask.distributed load only when a function that needs them runs.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+import lazy_loader
 
-_LAZY_SUBMODULES = ("datasets", "io", "models", "pl", "pp", "tl")
-_LAZY_ATTRIBUTES = {"settings": "._settings"}
-
-__all__ = [*_LAZY_SUBMODULES, "settings", "__version__"]
+from ._version import __version__
 
 if TYPE_CHECKING:
     from . import datasets, io, models, pl, pp, tl
     from ._settings import settings
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_SUBMODULES:
-        module = importlib.import_module(f".{name}", __name__)
-        globals()[name] = module
-        return module
-    if name in _LAZY_ATTRIBUTES:
-        value = getattr(importlib.import_module(_LAZY_ATTRIBUTES[name], __name__), name)
-        globals()[name] = value
-        return value
-    msg = f"module {__name__!r} has no attribute {name!r}"
-    raise AttributeError(msg)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, _lazy_names = lazy_loader.attach(
+    __name__,
+    submodules=["datasets", "io", "models", "pl", "pp", "tl"],
+    submod_attrs={"_settings": ["settings"]},
+)
+__all__ = [*_lazy_names, "__version__"]
+del _lazy_names

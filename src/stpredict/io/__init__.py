@@ -6,32 +6,22 @@ Everything comes out in stpredict's layout (``images["he"]``, a shapes element o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from stpredict._lazy import lazy_getattr
+import lazy_loader
 
 if TYPE_CHECKING:
-    from ._memory import from_image_and_table as from_image_and_table
-    from ._metadata import infer_um_per_px as infer_um_per_px
-    from ._spatialdata_io import read_visium as read_visium
-    from ._spatialdata_io import read_visium_hd as read_visium_hd
-    from ._spatialdata_io import read_xenium as read_xenium
-    from ._st import read_st as read_st
+    from ._memory import from_image_and_table
+    from ._metadata import infer_um_per_px
+    from ._spatialdata_io import read_visium, read_visium_hd, read_xenium
+    from ._st import read_st
 
-_LAZY = {
-    "from_image_and_table": "._memory",
-    "infer_um_per_px": "._metadata",
-    "read_st": "._st",
-    "read_visium": "._spatialdata_io",
-    "read_visium_hd": "._spatialdata_io",
-    "read_xenium": "._spatialdata_io",
-}
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    return lazy_getattr(__name__, globals(), _LAZY, name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "_memory": ["from_image_and_table"],
+        "_metadata": ["infer_um_per_px"],
+        "_spatialdata_io": ["read_visium", "read_visium_hd", "read_xenium"],
+        "_st": ["read_st"],
+    },
+)

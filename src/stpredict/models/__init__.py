@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from stpredict._lazy import lazy_getattr
+import lazy_loader
 
-_LAZY = {
-    "DenseModel": "._base",
-    "EmbeddingRidge": "._baselines",
-    "PixNet": "._pixnet",
-    "SpotCNN": "._baselines",
-    "load": "._io",
-}
-__all__ = sorted(_LAZY)
+if TYPE_CHECKING:
+    from ._base import DenseModel
+    from ._baselines import EmbeddingRidge, SpotCNN
+    from ._io import load
+    from ._pixnet import PixNet
 
-
-def __getattr__(name: str) -> Any:
-    return lazy_getattr(__name__, globals(), _LAZY, name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "_base": ["DenseModel"],
+        "_baselines": ["EmbeddingRidge", "SpotCNN"],
+        "_io": ["load"],
+        "_pixnet": ["PixNet"],
+    },
+)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from stpredict._errors import InputError
 from stpredict._logging import get_logger
+from stpredict._version import __version__
 
 if TYPE_CHECKING:
     import os
@@ -76,9 +77,7 @@ def register_model(name: str | None = None) -> Callable[[T], T]:
 
 
 def _library_version() -> str:
-    import stpredict
-
-    return stpredict.__version__
+    return __version__
 
 
 def _parse_version(text: object, what: str) -> tuple[int, int]:

@@ -5,22 +5,18 @@ Every function returns its matplotlib Figure or Axes and imports matplotlib only
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from stpredict._lazy import lazy_getattr
+import lazy_loader
 
-_LAZY = {
-    "dense_maps": "._dense",
-    "metrics": "._evaluation",
-    "predicted_vs_measured": "._evaluation",
-    "scale_curve": "._evaluation",
-}
-__all__ = sorted(_LAZY)
+if TYPE_CHECKING:
+    from ._dense import dense_maps
+    from ._evaluation import metrics, predicted_vs_measured, scale_curve
 
-
-def __getattr__(name: str) -> Any:
-    return lazy_getattr(__name__, globals(), _LAZY, name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "_dense": ["dense_maps"],
+        "_evaluation": ["metrics", "predicted_vs_measured", "scale_curve"],
+    },
+)

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from stpredict._lazy import lazy_getattr
+import lazy_loader
 
-_LAZY = {
-    "bin": "._bin",
-    "calibrate": "._calibrate",
-    "inverse_normalize": "._normalize",
-    "normalize": "._normalize",
-    "select_genes": "._genes",
-    "split": "._split",
-    "subset_genes": "._genes",
-    "tissue_mask": "._tissue",
-}
-__all__ = sorted(_LAZY)
+if TYPE_CHECKING:
+    from ._bin import bin
+    from ._calibrate import calibrate
+    from ._genes import select_genes, subset_genes
+    from ._normalize import inverse_normalize, normalize
+    from ._split import split
+    from ._tissue import tissue_mask
 
-
-def __getattr__(name: str) -> Any:
-    return lazy_getattr(__name__, globals(), _LAZY, name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "_bin": ["bin"],
+        "_calibrate": ["calibrate"],
+        "_genes": ["select_genes", "subset_genes"],
+        "_normalize": ["inverse_normalize", "normalize"],
+        "_split": ["split"],
+        "_tissue": ["tissue_mask"],
+    },
+)

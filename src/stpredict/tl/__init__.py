@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from stpredict._lazy import lazy_getattr
+import lazy_loader
 
-_LAZY = {
-    "EvaluationResult": "._evaluate",
-    "aggregate": "._aggregate",
-    "evaluate": "._evaluate",
-    "evaluate_across_scales": "._evaluate",
-    "highly_predictive_genes": "._evaluate",
-    "predict_dense": "._predict_dense",
-}
-__all__ = sorted(_LAZY)
+if TYPE_CHECKING:
+    from ._aggregate import aggregate
+    from ._evaluate import EvaluationResult, evaluate, evaluate_across_scales, highly_predictive_genes
+    from ._predict_dense import predict_dense
 
-
-def __getattr__(name: str) -> Any:
-    return lazy_getattr(__name__, globals(), _LAZY, name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "_aggregate": ["aggregate"],
+        "_evaluate": ["EvaluationResult", "evaluate", "evaluate_across_scales", "highly_predictive_genes"],
+        "_predict_dense": ["predict_dense"],
+    },
+)

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-import stpredict
 from stpredict._errors import InputError
 from stpredict._geometry import raster_shape, scale_levels, transformation_matrix, um_per_px
 from stpredict._keys import Keys
 from stpredict._logging import get_logger
 from stpredict._meta import set_element_meta
 from stpredict._settings import settings
+from stpredict._version import __version__
 
 from ._slide_reader import SlideReader
 from ._tiling import AxisGrid, resample_matrix, window_1d
@@ -697,7 +697,7 @@ def predict_dense(
     meta = {
         "value_kind": model.value_kind,
         "model": model.name,
-        "stpredict_version": stpredict.__version__,
+        "stpredict_version": __version__,
         "um_per_px": float(model.um_per_px * s),
         "stride": float(f),
         "image_key": image_key,
