@@ -15,6 +15,10 @@ from stpredict._errors import InputError
 from stpredict._geometry import affine_between, um_per_px
 from stpredict._meta import get_element_meta
 from stpredict.datasets import _synthetic as S
+from stpredict.datasets._cells import _cells_near
+from stpredict.datasets._render import _render_image, _render_tissue_window, _render_truth_window
+from stpredict.datasets._section import _make_section
+from stpredict.datasets._units import _integrate_density, _Units
 
 SMALL = {"shape_um": (500.0, 600.0), "um_per_px": 1.0, "n_genes": 12, "seed": 3}
 
@@ -142,10 +146,10 @@ def test_expected_equals_brute_force_integration(visium):
 def test_density_zero_outside_tissue():
     sd = st.datasets.synthetic(shape_um=(1000.0, 1000.0), um_per_px=2.0, n_genes=10, layout=None, seed=7)
     truth = sd.images["truth"].values
-    sec = S._make_section(seed=7, tissue_seed=7, um_per_px=2.0, truth_um_per_px=2.0, stride=1, ny=500, nx=500,
-                          n_genes=10,
-                          n_cell_types=5, mean_counts_per_um2=0.1)  # fmt: skip
-    tissue = S._render_tissue_window(sec, 0, 0, 500, 500, 2.0) > 0
+    sec = _make_section(seed=7, tissue_seed=7, um_per_px=2.0, truth_um_per_px=2.0, stride=1, ny=500, nx=500,
+                        n_genes=10,
+                        n_cell_types=5, mean_counts_per_um2=0.1)  # fmt: skip
+    tissue = _render_tissue_window(sec, 0, 0, 500, 500, 2.0) > 0
     assert 0.3 < tissue.mean() < 0.95
     # no footprint reaches further than 3σ ≤ 3 · 8 µm · 1.3 = 31.2 µm: 16 truth pixels
     near = ndimage.binary_dilation(tissue, iterations=17)
@@ -165,11 +169,11 @@ def test_spots_mix_cell_types(big_visium):
 
 def test_cell_types_differ_in_morphology():
     """A nearest-centroid classifier on 4 features of each cell's own nucleus and surroundings finds its type."""
-    sec = S._make_section(seed=11, tissue_seed=11, um_per_px=0.5, truth_um_per_px=2.0, stride=4, ny=1200, nx=1200,
-                          n_genes=5,
-                          n_cell_types=5, mean_counts_per_um2=0.1)  # fmt: skip
-    img = S._render_image(sec, 0, 0, 1200, 1200).astype(float)
-    c = S._cells_near(sec, 0, 600, 0, 600)
+    sec = _make_section(seed=11, tissue_seed=11, um_per_px=0.5, truth_um_per_px=2.0, stride=4, ny=1200, nx=1200,
+                        n_genes=5,
+                        n_cell_types=5, mean_counts_per_um2=0.1)  # fmt: skip
+    img = _render_image(sec, 0, 0, 1200, 1200).astype(float)
+    c = _cells_near(sec, 0, 600, 0, 600)
     r = 20
     ok = (c.nx > 12) & (c.nx < 588) & (c.ny > 12) & (c.ny < 588)
     typ = c.kind[ok]
@@ -196,8 +200,8 @@ def test_cell_types_differ_in_morphology():
 
 def test_square_integration_exact_on_constant():
     values = np.full((1, 20, 30), 2.0)
-    units = S._Units("square", a=np.array([0.3, 5.0, 28.5]), b=np.array([0.7, 3.25, 10.0]), c=np.array([4.1, 2.5, 3.0]))
-    out = S._integrate_density(values, units, px_area_um2=4.0)
+    units = _Units("square", a=np.array([0.3, 5.0, 28.5]), b=np.array([0.7, 3.25, 10.0]), c=np.array([4.1, 2.5, 3.0]))
+    out = _integrate_density(values, units, px_area_um2=4.0)
     # the third square sticks out of the raster: only 1.5 × 3 of it lies on pixels
     np.testing.assert_allclose(out[:, 0], 2.0 * 4.0 * np.array([4.1**2, 2.5**2, 1.5 * 3.0]), rtol=1e-12)
 
@@ -212,8 +216,8 @@ def test_square_integration_exact_on_constant():
 def test_square_integration_matches_supersampled_reference(left, top, side, seed):
     rng = np.random.default_rng(seed)
     values = rng.random((2, 16, 18))
-    units = S._Units("square", a=np.array([left]), b=np.array([top]), c=np.array([side]))
-    out = S._integrate_density(values, units, px_area_um2=1.0)[0]
+    units = _Units("square", a=np.array([left]), b=np.array([top]), c=np.array([side]))
+    out = _integrate_density(values, units, px_area_um2=1.0)[0]
     sub = 256
     ys = (np.arange(16 * sub) + 0.5) / sub
     xs = (np.arange(18 * sub) + 0.5) / sub
@@ -224,15 +228,15 @@ def test_square_integration_matches_supersampled_reference(left, top, side, seed
     np.testing.assert_allclose(out, ref, atol=2 * 2 * (side + 1) / sub * values.max() * (side + 2))
     # the kernel is exact: the overlap lengths are piecewise linear, so a block-wise split gives the same
     dask = pytest.importorskip("dask.array")
-    split = S._integrate_density(dask.from_array(values, chunks=(2, 5, 7)), units, px_area_um2=1.0)[0]
+    split = _integrate_density(dask.from_array(values, chunks=(2, 5, 7)), units, px_area_um2=1.0)[0]
     np.testing.assert_allclose(split, out, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("radius", [3.0, 13.75, 25.0])
 def test_circle_area_error(radius):
     values = np.ones((1, 64, 64))
-    units = S._Units("circle", a=np.array([31.3]), b=np.array([32.1]), c=np.array([radius]))
-    area = S._integrate_density(values, units, px_area_um2=1.0)[0, 0]
+    units = _Units("circle", a=np.array([31.3]), b=np.array([32.1]), c=np.array([radius]))
+    area = _integrate_density(values, units, px_area_um2=1.0)[0, 0]
     # supersampling 16 × 16 crossing pixels: the documented bound
     assert abs(area - np.pi * radius**2) < 0.06 + 0.004 * radius
 
@@ -252,13 +256,13 @@ def test_lazy_equals_eager():
 
 def test_crop_is_consistent():
     """Pixels depend on global coordinates only: a window rendered alone equals the same window of the whole."""
-    sec = S._make_section(seed=9, tissue_seed=9, um_per_px=1.0, truth_um_per_px=2.0, stride=2, ny=400, nx=400,
-                          n_genes=4,
-                          n_cell_types=5, mean_counts_per_um2=0.1)  # fmt: skip
-    whole = S._render_image(sec, 0, 0, 400, 400)
-    np.testing.assert_array_equal(S._render_image(sec, 123, 77, 91, 150), whole[:, 123:214, 77:227])
-    truth = S._render_truth_window(sec, 0, 0, 200, 200)
-    np.testing.assert_array_equal(S._render_truth_window(sec, 61, 38, 45, 75), truth[:, 61:106, 38:113])
+    sec = _make_section(seed=9, tissue_seed=9, um_per_px=1.0, truth_um_per_px=2.0, stride=2, ny=400, nx=400,
+                        n_genes=4,
+                        n_cell_types=5, mean_counts_per_um2=0.1)  # fmt: skip
+    whole = _render_image(sec, 0, 0, 400, 400)
+    np.testing.assert_array_equal(_render_image(sec, 123, 77, 91, 150), whole[:, 123:214, 77:227])
+    truth = _render_truth_window(sec, 0, 0, 200, 200)
+    np.testing.assert_array_equal(_render_truth_window(sec, 61, 38, 45, 75), truth[:, 61:106, 38:113])
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,18 @@ def eval_fields(x: np.ndarray, y: np.ndarray, omega: np.ndarray, phase: np.ndarr
 
 
 @njit(cache=True, nogil=True)
+def _lattice_coord(p: int, l0: int, spacing: float, px_um: float) -> tuple[int, float]:
+    """Where the centre of global pixel ``p`` falls on a lattice axis: (cell index from ``l0``, fraction in the cell).
+
+    Pixel centres sit at µm ``(p + 0.5)·px_um``, lattice points at ``(l0 + k)·spacing``; the shared first step of
+    the bilinear interpolations of :func:`interp_lattice` and :func:`mix_density`.
+    """
+    t = (p + 0.5) * px_um / spacing
+    k = int(math.floor(t))
+    return k - l0, t - k
+
+
+@njit(cache=True, nogil=True)
 def interp_lattice(
     values: np.ndarray, lx0: int, ly0: int, spacing: float, y0: int, x0: int, h: int, w: int, px_um: float
 ) -> np.ndarray:
@@ -75,15 +87,9 @@ def interp_lattice(
     n_fields = values.shape[0]
     out = np.empty((n_fields, h, w), dtype=np.float32)
     for i in range(h):
-        yy = (y0 + i + 0.5) * px_um / spacing
-        ky = int(math.floor(yy))
-        fy = yy - ky
-        ky -= ly0
+        ky, fy = _lattice_coord(y0 + i, ly0, spacing, px_um)
         for j in range(w):
-            xx = (x0 + j + 0.5) * px_um / spacing
-            kx = int(math.floor(xx))
-            fx = xx - kx
-            kx -= lx0
+            kx, fx = _lattice_coord(x0 + j, lx0, spacing, px_um)
             for f in range(n_fields):
                 v00 = values[f, ky, kx]
                 v01 = values[f, ky, kx + 1]
@@ -280,15 +286,9 @@ def mix_density(
     px_area = px_um * px_um
     out = np.empty((n_genes, h, w), dtype=np.float32)
     for i in range(h):
-        yy = (y0 + i + 0.5) * px_um / spacing
-        ky = int(math.floor(yy))
-        fy = yy - ky
-        ky -= ly0
+        ky, fy = _lattice_coord(y0 + i, ly0, spacing, px_um)
         for j in range(w):
-            xx = (x0 + j + 0.5) * px_um / spacing
-            kx = int(math.floor(xx))
-            fx = xx - kx
-            kx -= lx0
+            kx, fx = _lattice_coord(x0 + j, lx0, spacing, px_um)
             w00, w01, w10, w11 = (1.0 - fx) * (1.0 - fy), fx * (1.0 - fy), (1.0 - fx) * fy, fx * fy
             lev = mod[0, ky, kx] * w00 + mod[0, ky, kx + 1] * w01 + mod[0, ky + 1, kx] * w10
             lev += mod[0, ky + 1, kx + 1] * w11
