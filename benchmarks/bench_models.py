@@ -334,7 +334,7 @@ def run_her2st(args: argparse.Namespace) -> dict[str, Any]:
     timings["tissue_mask"] = round(time.perf_counter() - t, 2)
     genes = st.pp.select_genes([read[n].tables["table"] for n in train_names], n_top=args.genes)
     for sd in read.values():
-        sd.tables["table"] = st.pp.subset_genes(sd.tables["table"], genes)
+        sd.tables["table"] = st.pp.subset_genes(sd.tables["table"], genes=genes)
     train_tables = [read[n].tables["table"] for n in train_names]
     st.pp.normalize(train_tables, method="log1p_cpm")
     params = train_tables[0].uns["stpredict"]["normalize"]["log1p_cpm"]

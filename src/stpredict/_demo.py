@@ -228,7 +228,7 @@ def _figure(sdata: SpatialData, map_key: str, genes: list[str]) -> Any:
     fig = Figure(figsize=(3.2 * n, 6.4))
     grid = fig.subplots(2, n, sharex=True, sharey=True)
     for row, key, label in ((0, "truth", "true"), (1, map_key, "predicted")):
-        st.pl.dense_maps(sdata, key, genes, image_key="he", axes=grid[row])
+        st.pl.dense_maps(sdata, key, genes=genes, image_key="he", axes=grid[row])
         for ax, gene in zip(grid[row][1:], genes, strict=True):
             ax.set_title(f"{gene} ({label})")
     return fig

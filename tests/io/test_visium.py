@@ -63,7 +63,7 @@ def test_visium_options(visium_dir):
     assert um_per_px(sdata, "img") == 10.0
     assert sdata.tables["counts"].uns["spatialdata_attrs"]["region"] == "visium_spots"
     with pytest.raises(InputError, match="image found"):
-        _read(visium_dir, image="hires")
+        _read(visium_dir, image_resolution="hires")
 
 
 def _xenium_like(pixel_size=0.2125):

@@ -1,4 +1,4 @@
-"""pp.bin: measured units summed into square bins that line up with tl.aggregate's bins."""
+"""pp.bin_counts: measured units summed into square bins that line up with tl.aggregate's bins."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _hd_sdata(rng, n=24, genes=("a", "b", "c")):
 
 def test_bin_sums_by_centre_and_matches_aggregate(rng):
     sdata, counts, centres_um = _hd_sdata(rng)
-    st.pp.bin(sdata, "table", bin_size=8, align_to="hd_002um")
+    st.pp.bin_counts(sdata, "table", bin_size=8, align_to="hd_002um")
     binned = sdata.tables["table_8um"]
     assert sp.issparse(binned.X)
     assert binned.X.dtype == np.float32
@@ -70,14 +70,14 @@ def test_bin_sums_by_centre_and_matches_aggregate(rng):
 
 def test_bin_non_multiple_size_and_errors(rng):
     sdata, counts, _ = _hd_sdata(rng, n=10)
-    out = st.pp.bin(sdata, "table", bin_size=5.5, inplace=False)
+    out = st.pp.bin_counts(sdata, "table", bin_size=5.5, inplace=False)
     assert out.X.sum() == counts.sum()
     assert "table_5p5um" not in sdata.tables
     with pytest.raises(InputError, match="positive"):
-        st.pp.bin(sdata, "table", bin_size=0)
+        st.pp.bin_counts(sdata, "table", bin_size=0)
     with pytest.raises(KeyError, match="available tables"):
-        st.pp.bin(sdata, "nope", bin_size=8)
+        st.pp.bin_counts(sdata, "nope", bin_size=8)
     sdata.tables["table"].X = sdata.tables["table"].X * 0.5
     with pytest.raises(InputError):
-        st.pp.bin(sdata, "table", bin_size=8)
+        st.pp.bin_counts(sdata, "table", bin_size=8)
     assert set(sdata.tables) == {"table"}

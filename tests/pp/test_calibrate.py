@@ -46,7 +46,7 @@ def make_sdata(*, spot_scale: float = 0.5, xy: np.ndarray | None = None) -> Spat
 
 def test_explicit_value_sets_um_on_image_and_spots():
     sdata = make_sdata()
-    assert st.pp.calibrate(sdata, "he", 2.0) == 2.0
+    assert st.pp.calibrate(sdata, "he", um_per_px=2.0) == 2.0
     assert um_per_px(sdata, "he") == pytest.approx(2.0)
     # spots live in a 2x finer pixel space, so one spot unit is 1 µm
     assert um_per_px(sdata, "spots") == pytest.approx(1.0)
@@ -55,10 +55,10 @@ def test_explicit_value_sets_um_on_image_and_spots():
 
 def test_existing_calibration_is_kept_and_explicit_value_overwrites(caplog):
     sdata = make_sdata()
-    st.pp.calibrate(sdata, "he", 2.0)
+    st.pp.calibrate(sdata, "he", um_per_px=2.0)
     assert st.pp.calibrate(sdata, "he") == pytest.approx(2.0)
     with caplog.at_level("WARNING", logger="stpredict"):
-        assert st.pp.calibrate(sdata, "he", 0.5) == 0.5
+        assert st.pp.calibrate(sdata, "he", um_per_px=0.5) == 0.5
     assert "overwriting" in caplog.text
     assert um_per_px(sdata, "he") == pytest.approx(0.5)
     assert um_per_px(sdata, "spots") == pytest.approx(0.25)
@@ -66,7 +66,7 @@ def test_existing_calibration_is_kept_and_explicit_value_overwrites(caplog):
 
 def test_inplace_false_does_not_write():
     sdata = make_sdata()
-    assert st.pp.calibrate(sdata, "he", 3.0, inplace=False) == 3.0
+    assert st.pp.calibrate(sdata, "he", um_per_px=3.0, inplace=False) == 3.0
     assert "um" not in get_transformation(sdata.images["he"], get_all=True)
 
 
@@ -97,12 +97,12 @@ def test_inference_uses_reader_metadata(monkeypatch):
 def test_bad_value(value):
     sdata = make_sdata()
     with pytest.raises(InputError, match="positive finite"):
-        st.pp.calibrate(sdata, "he", value)
+        st.pp.calibrate(sdata, "he", um_per_px=value)
 
 
 def test_unknown_image():
     with pytest.raises(KeyError, match="available images"):
-        st.pp.calibrate(make_sdata(), "hires", 1.0)
+        st.pp.calibrate(make_sdata(), "hires", um_per_px=1.0)
 
 
 def test_same_coordinate_system_gives_affine():
@@ -118,7 +118,7 @@ def test_different_coordinate_systems_raise_and_leave_data_unchanged():
     with pytest.raises(CoordinateSystemError, match="annotates 'spots'.*share no coordinate system"):
         check_same_coordinate_system(sdata, "he", "table")
     with pytest.raises(CoordinateSystemError):
-        st.pp.calibrate(sdata, "he", 1.0, table_key="table")
+        st.pp.calibrate(sdata, "he", um_per_px=1.0, table_key="table")
     assert "um" not in get_transformation(sdata.images["he"], get_all=True)
 
 
@@ -131,7 +131,7 @@ def test_units_outside_image():
         check_units_inside_image(bad, "he", "table")
     assert check_units_inside_image(bad, "he", "table", max_fraction_outside=0.5) == 2
     with pytest.raises(InputError, match="outside"):
-        st.pp.calibrate(bad, "he", 1.0, table_key="table")
+        st.pp.calibrate(bad, "he", um_per_px=1.0, table_key="table")
     assert "um" not in get_transformation(bad.images["he"], get_all=True)
 
 

@@ -58,7 +58,7 @@ def test_fit_on_training_sections(sections):
 def test_fold_from_split_feeds_fit_on(sections):
     for i, t in enumerate(sections):
         t.uns["patient"] = "AAB"[i]
-    (fold,) = st.pp.split(sections, test_size=1, seed=0)
+    (fold,) = st.pp.make_folds(sections, test_size=1, seed=0)
     genes = st.pp.select_genes(sections, n_top=5, fit_on=fold.train)
     assert genes == pooled_top([sections[i] for i in fold.train], 5)
 
@@ -155,7 +155,7 @@ def test_subset_genes_zero_fills_and_warns(as_sparse, caplog):
     t.obsm["spatial"] = np.zeros((2, 2))
     t.uns["patient"] = "A"
     with caplog.at_level("WARNING", logger="stpredict"):
-        out = subset_genes(t, ["c", "x", "a"])
+        out = subset_genes(t, genes=["c", "x", "a"])
     assert "1 of 3 genes are not measured" in caplog.text
     dense = out.X.toarray() if sparse.issparse(out.X) else out.X
     np.testing.assert_array_equal(dense, [[2, 0, 0], [5, 0, 3]])
@@ -168,15 +168,15 @@ def test_subset_genes_zero_fills_and_warns(as_sparse, caplog):
     assert out.uns["patient"] == "A"
     assert t.shape == (2, 3)  # the input is untouched
     with pytest.raises(InputError, match="1 of 3 genes are not in the table"):
-        subset_genes(t, ["c", "x", "a"], missing="raise")
+        subset_genes(t, genes=["c", "x", "a"], missing="raise")
     with pytest.raises(InputError, match="duplicated"):
-        subset_genes(t, ["a", "a"])
+        subset_genes(t, genes=["a", "a"])
 
 
 def test_subset_genes_keeps_var_when_all_present():
     t = table(np.ones((2, 3)), ["a", "b", "c"])
     t.var["symbol"] = ["A", "B", "C"]
-    out = subset_genes(t, ["b", "a"])
+    out = subset_genes(t, genes=["b", "a"])
     assert list(out.var["symbol"]) == ["B", "A"]
 
 

@@ -107,7 +107,7 @@ def test_inverse_round_trip(train_test, method):
     st.pp.normalize(train, method=method)
     params = train[0].uns["stpredict"]["normalize"][method]
     counts = train[0].X.toarray().astype(np.float64)
-    back = inverse_normalize(train[0].layers[method], params, total_counts=counts.sum(axis=1))
+    back = inverse_normalize(train[0].layers[method], params=params, total_counts=counts.sum(axis=1))
     np.testing.assert_allclose(back, counts, rtol=1e-4, atol=1e-3)
 
 

@@ -37,7 +37,7 @@ def make_sdata(rgb: np.ndarray, um: float | None = 1.0, scale_factors: list[int]
     image = Image2DModel.parse(rgb, dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=scale_factors)
     sdata = SpatialData(images={"he": image})
     if um is not None:
-        st.pp.calibrate(sdata, "he", um)
+        st.pp.calibrate(sdata, "he", um_per_px=um)
     return sdata
 
 

@@ -11,7 +11,8 @@ from scipy import sparse
 import stpredict as st
 import stpredict.tl as tl
 from stpredict._errors import InputError
-from stpredict.tl._evaluate import METRIC_LABELS, EvaluationResult, _unit_index
+from stpredict.tl._evaluate import METRIC_LABELS, EvaluationResult
+from stpredict.tl._matching import _unit_index
 
 
 def _table(x, *, ids=None, rows=None, cols=None, genes=None, region="bins", sparse_x=False):
@@ -133,6 +134,40 @@ def test_matching_by_position_and_gene_intersection(pair):
         st.tl.evaluate(pred, truth, match="position", genes=["extra"])
 
 
+def test_plain_tables_match_by_obs_names(pair):
+    y, y_hat, _, _ = pair
+    names = pd.Index([f"cell{i}" for i in range(144)])
+    genes = pd.Index([f"g{j}" for j in range(30)])
+    truth = ad.AnnData(y.astype(np.float32), obs=pd.DataFrame(index=names), var=pd.DataFrame(index=genes))
+    order = np.random.default_rng(5).permutation(144)
+    pred = ad.AnnData(
+        y_hat[order].astype(np.float32), obs=pd.DataFrame(index=names[order]), var=pd.DataFrame(index=genes)
+    )
+    res = st.tl.evaluate(pred, truth)
+    assert res.params["match"] == "obs_names"
+    assert res.params["n_units"] == 144
+    y32, yh32 = y.astype(np.float32), y_hat.astype(np.float32)
+    want = [ref_pcc(y32[:, g].astype(np.float64), yh32[:, g].astype(np.float64)) for g in range(30)]
+    np.testing.assert_allclose(res.per_gene["pcc"], want, atol=1e-6)
+    # tables with instance ids keep matching by them: obs_names differ here, ids agree
+    with_ids = st.tl.evaluate(_table(y_hat), _table(y), inplace=False)
+    assert with_ids.params["match"] == "instance_id"
+    with pytest.raises(InputError, match="obs_names"):
+        st.tl.evaluate(pred, truth, match="instance_id")
+
+
+def test_evaluate_writes_into_pred_by_default(pair):
+    y, y_hat, _, _ = pair
+    pred, truth = _table(y_hat), _table(y)
+    res = st.tl.evaluate(pred, truth)
+    np.testing.assert_allclose(pred.var["pcc"].to_numpy(), res.per_gene["pcc"].to_numpy())
+    assert pred.uns["stpredict"]["evaluate"]["evaluate"]["summary"]["pcc_m"] == pytest.approx(res.summary["pcc_m"])
+    untouched = _table(y_hat)
+    st.tl.evaluate(untouched, truth, inplace=False)
+    assert "pcc" not in untouched.var
+    assert "stpredict" not in untouched.uns
+
+
 def test_errors_leave_inputs_unchanged(pair):
     y, y_hat, _, _ = pair
     pred, truth = _table(y_hat), _table(y)
@@ -176,23 +211,25 @@ def test_layers_hpg_and_inplace(pair):
     truth = _table(np.zeros_like(y), rows=rows, cols=cols)
     truth.layers["counts"] = y
     hpg = ["g1", "g2", "g5"]
-    res = st.tl.evaluate(pred, truth, pred_layer="pred", truth_layer="counts", hpg=hpg, inplace=True, key_added="k")
+    res = st.tl.evaluate(
+        pred, truth, pred_layer="pred", truth_layer="counts", highly_predictive_genes=hpg, key_added="k"
+    )
     want = [ref_pcc(y[:, j], y_hat[:, j]) for j in (1, 2, 5)]
     assert res.summary["pcc_h"] == pytest.approx(np.mean(want))
     np.testing.assert_allclose(pred.var["pcc"].to_numpy(), res.per_gene["pcc"].to_numpy())
     assert set(pred.var.columns) >= {"pcc", "spearman", "mse", "mae", "ssim"}
     record = pred.uns["stpredict"]["evaluate"]["k"]
     assert record["summary"]["pcc_m"] == pytest.approx(res.summary["pcc_m"])
-    assert record["params"]["hpg"] == hpg
+    assert record["params"]["highly_predictive_genes"] == hpg
     with pytest.raises(InputError, match="highly predictive"):
-        st.tl.evaluate(pred, truth, hpg=["nope"])
+        st.tl.evaluate(pred, truth, highly_predictive_genes=["nope"])
     # HPG selected over folds by the helper feeds straight into evaluate
     folds = [res, res.per_gene["pcc"] + 0.01]
-    top = tl._evaluate.highly_predictive_genes(folds, n=5)
+    top = tl._evaluate.highly_predictive_genes(folds, n_top=5)
     assert top == list(res.per_gene["pcc"].sort_values(ascending=False).index[:5])
-    assert st.tl.evaluate(pred, truth, pred_layer="pred", truth_layer="counts", hpg=top).summary["pcc_h"] == (
-        pytest.approx(res.per_gene["pcc"].loc[top].mean())
-    )
+    assert st.tl.evaluate(pred, truth, pred_layer="pred", truth_layer="counts", highly_predictive_genes=top).summary[
+        "pcc_h"
+    ] == (pytest.approx(res.per_gene["pcc"].loc[top].mean()))
 
 
 def test_normalize_callable_and_named(pair, monkeypatch):
@@ -302,18 +339,18 @@ def test_evaluate_across_scales_with_measured_tables(monkeypatch, rng):
 
     monkeypatch.setitem(vars(tl), "aggregate", fake_aggregate)  # no lazy import of the real one
     sdata = _FakeSData({"m": None}, {"t16": t16})
-    df = st.tl.evaluate_across_scales(sdata, "m", measured)
+    df = st.tl.evaluate_across_scales(sdata, "m", truth=measured)
     assert seen == ["bins_8um", "bins_16um"]
     assert sorted(df.bin_size_um.unique()) == [8.0, 16.0]
     np.testing.assert_allclose(df[df.metric == "pcc_m"].value, 1.0)
     with pytest.raises(InputError, match="No measured table"):
-        st.tl.evaluate_across_scales(sdata, "m", measured, bin_sizes=(55,))
+        st.tl.evaluate_across_scales(sdata, "m", truth=measured, bin_sizes=(55,))
     with pytest.raises(InputError, match="exactly one"):
         st.tl.evaluate_across_scales(sdata, "m")
     with pytest.raises(KeyError, match="available images"):
-        st.tl.evaluate_across_scales(sdata, "nope", measured)
+        st.tl.evaluate_across_scales(sdata, "nope", truth=measured)
     with pytest.raises(InputError, match="sets 'match'"):
-        st.tl.evaluate_across_scales(sdata, "m", measured, match="position")
+        st.tl.evaluate_across_scales(sdata, "m", truth=measured, match="position")
 
 
 # ---------------------------------------------------------------- real data (her2st A1, 346 spots)

@@ -39,8 +39,8 @@ def read_visium(
     path: str | Path,
     *,
     dataset_id: str | None = None,
-    image: ImageChoice = "auto",
-    fullres_image_file: str | Path | None = None,
+    image_resolution: ImageChoice = "auto",
+    image_file: str | Path | None = None,
     um_per_px: float | None = None,
     image_key: str = Keys.image,
     shapes_key: str = Keys.spots,
@@ -55,11 +55,11 @@ def read_visium(
         The Space Ranger ``outs`` folder (``filtered_feature_bc_matrix.h5``, ``spatial/``).
     dataset_id
         Passed to spatialdata-io; defaults to the folder name when the counts file has no library prefix.
-    image
-        Which image becomes ``images[image_key]``: ``"full"`` (the microscope image, needs
-        ``fullres_image_file``), ``"hires"``, ``"lowres"``, or ``"auto"`` = the finest one present. The others
-        stay under spatialdata-io's names.
-    fullres_image_file
+    image_resolution
+        Which image becomes ``images[image_key]``: ``"full"`` (the microscope image, needs ``image_file``),
+        ``"hires"``, ``"lowres"``, or ``"auto"`` = the finest one present. The others stay under spatialdata-io's
+        names.
+    image_file
         The full-resolution H&E given to Space Ranger (relative to ``path`` or absolute).
     um_per_px
         Override the pixel size; by default it follows from the scale factors: a spot is 55 µm across and
@@ -81,11 +81,11 @@ def read_visium(
     folder = Path(path)
     if dataset_id is None and (folder / kwargs.get("counts_file", _COUNTS_FILE)).is_file():
         dataset_id = folder.name
-    if fullres_image_file is not None:
-        kwargs["fullres_image_file"] = fullres_image_file
+    if image_file is not None:
+        kwargs["fullres_image_file"] = image_file
     sdata = spatialdata_io.visium(folder, dataset_id=dataset_id, **kwargs)
     dataset_id = dataset_id or _single_shapes_key(sdata)
-    chosen = _choose_visium_image(sdata, dataset_id, image)
+    chosen = _choose_visium_image(sdata, dataset_id, image_resolution)
     if dataset_id in sdata.shapes:
         rename_element(sdata, dataset_id, shapes_key)
     if "table" in sdata.tables and table_key != "table":
@@ -98,7 +98,8 @@ def read_visium_hd(
     path: str | Path,
     *,
     dataset_id: str | None = None,
-    image: ImageChoice = "auto",
+    image_resolution: ImageChoice = "auto",
+    image_file: str | Path | None = None,
     um_per_px: float | None = None,
     image_key: str = Keys.image,
     **kwargs: Any,
@@ -115,20 +116,24 @@ def read_visium_hd(
         The Space Ranger ``outs`` folder.
     dataset_id
         Passed to spatialdata-io (inferred from the file names by default).
-    image
+    image_resolution
         ``"full"``, ``"hires"``, ``"lowres"`` or ``"auto"`` (the finest present) becomes ``images[image_key]``.
+    image_file
+        The full-resolution H&E given to Space Ranger (relative to ``path`` or absolute).
     um_per_px
         Override the pixel size.
     image_key
         Name of the chosen H&E image.
     kwargs
-        Passed to :func:`spatialdata_io.visium_hd` (e.g. ``bin_size=8``, ``fullres_image_file``).
+        Passed to :func:`spatialdata_io.visium_hd` (e.g. ``bin_size=8``).
     """
     import spatialdata_io
 
+    if image_file is not None:
+        kwargs["fullres_image_file"] = image_file
     sdata = spatialdata_io.visium_hd(path, dataset_id=dataset_id, **kwargs)
     prefix = dataset_id or _common_prefix([k for k in sdata.images if k.endswith(tuple(_VISIUM_SUFFIXES.values()))])
-    chosen = _choose_visium_image(sdata, prefix, image)
+    chosen = _choose_visium_image(sdata, prefix, image_resolution)
     _counts_as_float32(sdata)
     return adopt_image(sdata, chosen, image_key=image_key, um_per_px=um_per_px, source=str(path))
 
@@ -136,7 +141,7 @@ def read_visium_hd(
 def read_xenium(
     path: str | Path,
     *,
-    he_image: str = "he_image",
+    source_image_key: str = "he_image",
     um_per_px: float | None = None,
     image_key: str = Keys.image,
     **kwargs: Any,
@@ -153,8 +158,8 @@ def read_xenium(
     ----------
     path
         The Xenium output folder.
-    he_image
-        Name spatialdata-io gives the aligned H&E.
+    source_image_key
+        Key spatialdata-io gives the aligned H&E (it becomes ``images[image_key]``).
     um_per_px
         Override the pixel size.
     image_key
@@ -165,15 +170,15 @@ def read_xenium(
     import spatialdata_io
 
     sdata = spatialdata_io.xenium(path, **kwargs)
-    if he_image not in sdata.images:
+    if source_image_key not in sdata.images:
         msg = (
-            f"The Xenium bundle at {str(path)!r} has no aligned H&E image {he_image!r} (images: "
+            f"The Xenium bundle at {str(path)!r} has no aligned H&E image {source_image_key!r} (images: "
             f"{sorted(sdata.images)}). Put the `*he_image.ome.tif` and its alignment CSV into the folder, keep "
-            "`aligned_images=True`, or pass `he_image=` with the right name."
+            "`aligned_images=True`, or pass `source_image_key=` with the right name."
         )
         raise InputError(msg)
     _counts_as_float32(sdata)
-    return adopt_image(sdata, he_image, image_key=image_key, um_per_px=um_per_px, source=str(path))
+    return adopt_image(sdata, source_image_key, image_key=image_key, um_per_px=um_per_px, source=str(path))
 
 
 def adopt_image(
@@ -255,7 +260,7 @@ def _counts_as_float32(sdata: SpatialData) -> None:
 def _choose_visium_image(sdata: SpatialData, prefix: str | None, choice: ImageChoice) -> str:
     order = ("full", "hires", "lowres") if choice == "auto" else (choice,)
     if choice not in ("auto", *_VISIUM_SUFFIXES):
-        msg = f"image must be 'auto', 'full', 'hires' or 'lowres', got {choice!r}."
+        msg = f"image_resolution must be 'auto', 'full', 'hires' or 'lowres', got {choice!r}."
         raise InputError(msg)
     for option in order:
         name = f"{prefix or ''}{_VISIUM_SUFFIXES[option]}"
@@ -263,7 +268,7 @@ def _choose_visium_image(sdata: SpatialData, prefix: str | None, choice: ImageCh
             return name
     msg = (
         f"No {choice if choice != 'auto' else 'H&E'} image found (images: {sorted(sdata.images)}). For the full "
-        "resolution image pass `fullres_image_file=`; otherwise choose `image=` among those present."
+        "resolution image pass `image_file=`; otherwise choose `image_resolution=` among those present."
     )
     raise InputError(msg)
 

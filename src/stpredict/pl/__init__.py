@@ -11,12 +11,12 @@ import lazy_loader
 
 if TYPE_CHECKING:
     from ._dense import dense_maps
-    from ._evaluation import metrics, predicted_vs_measured, scale_curve
+    from ._evaluation import gene_scores, predicted_vs_measured, scale_curve
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
         "_dense": ["dense_maps"],
-        "_evaluation": ["metrics", "predicted_vs_measured", "scale_curve"],
+        "_evaluation": ["gene_scores", "predicted_vs_measured", "scale_curve"],
     },
 )

@@ -9,9 +9,10 @@ import numpy as np
 from stpredict._errors import InputError
 from stpredict._keys import Keys
 
-from ._utils import display_level, extent, finish, new_figure, use_um
+from ._utils import display_level, extent, finish, new_figure, resolve_show, use_um
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Sequence
 
     from matplotlib.axes import Axes
@@ -24,8 +25,8 @@ __all__ = ["dense_maps"]
 def dense_maps(
     sdata: SpatialData,
     map_key: str,
-    genes: str | Sequence[str],
     *,
+    genes: str | Sequence[str],
     image_key: str | None = Keys.image,
     overlay: bool = False,
     alpha: float = 0.6,
@@ -37,8 +38,9 @@ def dense_maps(
     dpi: float | None = None,
     max_pixels: int = 1024,
     axes: Sequence[Axes] | None = None,
-    show: bool = False,
-) -> Figure:
+    show: bool | None = None,
+    save: str | os.PathLike[str] | None = None,
+) -> Figure | None:
     """The H&E image and the dense maps of a few genes, side by side on one coordinate frame.
 
     Every panel shares the same axes limits, and each map is drawn with the extent given by its transformation
@@ -77,13 +79,17 @@ def dense_maps(
     axes
         Draw into these axes (one per panel, e.g. a row of a larger grid) instead of a new figure.
     show
-        Show the figure through pyplot.
+        Show the figure through pyplot and return ``None``; default: show unless ``save`` or axes are given.
+    save
+        Write the figure to this path (the format follows the suffix: ``.png``, ``.pdf``, ``.svg``, ...).
 
     Returns
     -------
-    The figure; its axes are the image panel (if any), then one panel per gene titled with the gene name.
+    The figure (``None`` when shown); its axes are the image panel (if any), then one panel per gene titled with
+    the gene name.
     """
     genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+    show = resolve_show(show, ax=axes, save=save)
     if map_key not in sdata.images:
         msg = f"No dense map {map_key!r} in sdata.images; available images: {sorted(sdata.images)}."
         raise KeyError(msg)
@@ -168,5 +174,4 @@ def dense_maps(
         ax.set_aspect("equal")
         ax.set_xlabel(f"x ({unit})")
     drawn[0].set_ylabel(f"y ({unit})")
-    finish(show)
-    return fig
+    return finish(fig, fig, show=show, save=save, dpi=dpi)

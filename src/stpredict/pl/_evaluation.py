@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stpredict._errors import InputError
-from stpredict.tl._evaluate import EvaluationResult, _dense, _match_units, _matrix
+from stpredict.tl._evaluate import EvaluationResult
+from stpredict.tl._matching import _MATCHES, Match, dense_rows, match_units, resolve_match, table_matrix
 from stpredict.tl._metrics import NAN_POLICIES, pcc_summary
 
-from ._utils import axes_or_new, finish
+from ._utils import axes_or_new, finish, resolve_show
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Sequence
 
     import pandas as pd
     from anndata import AnnData
     from matplotlib.axes import Axes
 
-__all__ = ["metrics", "predicted_vs_measured", "scale_curve"]
+__all__ = ["gene_scores", "predicted_vs_measured", "scale_curve"]
 
 _SHORT = {
     "pcc_f": "PCC@F",
@@ -37,9 +39,9 @@ _SHORT = {
 def predicted_vs_measured(
     pred: AnnData,
     truth: AnnData,
-    gene: str,
     *,
-    match: Literal["instance_id", "position"] = "instance_id",
+    gene: str,
+    match: Match = "auto",
     pred_layer: str | None = None,
     truth_layer: str | None = None,
     ax: Axes | None = None,
@@ -47,8 +49,9 @@ def predicted_vs_measured(
     alpha: float = 0.5,
     figsize: tuple[float, float] = (4.0, 4.0),
     dpi: float | None = None,
-    show: bool = False,
-) -> Axes:
+    show: bool | None = None,
+    save: str | os.PathLike[str] | None = None,
+) -> Axes | None:
     """Scatter of one gene's predicted against measured values over the matched units, titled with its PCC.
 
     Units are matched as in :func:`stpredict.tl.evaluate` (by instance id, or by grid position). The dashed
@@ -61,7 +64,8 @@ def predicted_vs_measured(
     gene
         Gene to draw.
     match
-        ``"instance_id"`` or ``"position"``.
+        How units are paired, as in :func:`stpredict.tl.evaluate`: ``"auto"``, ``"instance_id"``, ``"obs_names"``
+        or ``"position"``.
     pred_layer, truth_layer
         Layer to read instead of ``X``.
     ax
@@ -71,7 +75,9 @@ def predicted_vs_measured(
     figsize, dpi
         Size of a new figure.
     show
-        Show through pyplot.
+        Show the figure through pyplot and return ``None``; default: show unless ``save`` or axes are given.
+    save
+        Write the figure to this path (the format follows the suffix: ``.png``, ``.pdf``, ``.svg``, ...).
 
     Returns
     -------
@@ -81,18 +87,19 @@ def predicted_vs_measured(
         if gene not in adata.var_names:
             msg = f"Gene {gene!r} is not in the {side} table."
             raise KeyError(msg)
-    if match not in ("instance_id", "position"):
-        msg = f"match must be 'instance_id' or 'position', got {match!r}."
+    if match not in _MATCHES:
+        msg = f"match must be one of {_MATCHES}, got {match!r}."
         raise InputError(msg)
-    common, p_rows, t_rows = _match_units(pred, truth, match)
-    y_hat = _dense(
-        _matrix(pred, pred_layer, "prediction"),
+    common, p_rows, t_rows = match_units(pred, truth, resolve_match(pred, truth, match))
+    y_hat = dense_rows(
+        table_matrix(pred, pred_layer, "prediction"),
         p_rows,
         np.array([pred.var_names.get_loc(gene)]),
     )[:, 0]
-    y = _dense(_matrix(truth, truth_layer, "truth"), t_rows, np.array([truth.var_names.get_loc(gene)]))[:, 0]
+    y = dense_rows(table_matrix(truth, truth_layer, "truth"), t_rows, np.array([truth.var_names.get_loc(gene)]))[:, 0]
     constant = np.ptp(y) == 0 or np.ptp(y_hat) == 0
     r = float("nan") if constant else float(np.corrcoef(y, y_hat)[0, 1])
+    show = resolve_show(show, ax=ax, save=save)
     ax = axes_or_new(ax, show, figsize=figsize, dpi=dpi)
     ax.scatter(y, y_hat, s=s, alpha=alpha, linewidths=0)
     lo = float(min(y.min(), y_hat.min()))
@@ -101,11 +108,10 @@ def predicted_vs_measured(
     ax.set_xlabel(f"measured {gene}")
     ax.set_ylabel(f"predicted {gene}")
     ax.set_title(f"{gene}: PCC = {r:.3f} (n = {len(common)})")
-    finish(show)
-    return ax
+    return finish(ax.figure, ax, show=show, save=save, dpi=dpi)
 
 
-def metrics(
+def gene_scores(
     result: EvaluationResult | pd.DataFrame,
     *,
     metric: str = "pcc",
@@ -114,8 +120,9 @@ def metrics(
     ax: Axes | None = None,
     figsize: tuple[float, float] = (5.0, 3.5),
     dpi: float | None = None,
-    show: bool = False,
-) -> Axes:
+    show: bool | None = None,
+    save: str | os.PathLike[str] | None = None,
+) -> Axes | None:
     """Distribution over genes of the gene-wise PCC, with PCC@F, PCC@S and PCC@M marked.
 
     Parameters
@@ -134,7 +141,9 @@ def metrics(
     figsize, dpi
         Size of a new figure.
     show
-        Show through pyplot.
+        Show the figure through pyplot and return ``None``; default: show unless ``save`` or axes are given.
+    save
+        Write the figure to this path (the format follows the suffix: ``.png``, ``.pdf``, ``.svg``, ...).
 
     Returns
     -------
@@ -154,6 +163,7 @@ def metrics(
         raise KeyError(msg)
     raw = per_gene[metric].to_numpy(dtype=np.float64)
     values = np.nan_to_num(raw, nan=-1.0) if policy == "minus_one" else raw[np.isfinite(raw)]
+    show = resolve_show(show, ax=ax, save=save)
     ax = axes_or_new(ax, show, figsize=figsize, dpi=dpi)
     ax.hist(values, bins=bins, color="0.7", edgecolor="0.4")
     name = "PCC" if metric == "pcc" else metric
@@ -169,8 +179,7 @@ def metrics(
     ax.set_title(f"gene-wise {name} ({len(raw)} genes{note})")
     ax.set_xlabel(f"gene-wise {name} across units")
     ax.set_ylabel("genes")
-    finish(show)
-    return ax
+    return finish(ax.figure, ax, show=show, save=save, dpi=dpi)
 
 
 def scale_curve(
@@ -182,8 +191,9 @@ def scale_curve(
     ax: Axes | None = None,
     figsize: tuple[float, float] = (5.0, 3.5),
     dpi: float | None = None,
-    show: bool = False,
-) -> Axes:
+    show: bool | None = None,
+    save: str | os.PathLike[str] | None = None,
+) -> Axes | None:
     """Metric against bin size, from the tidy table of :func:`stpredict.tl.evaluate_across_scales`.
 
     Parameters
@@ -202,7 +212,9 @@ def scale_curve(
     figsize, dpi
         Size of a new figure.
     show
-        Show through pyplot.
+        Show the figure through pyplot and return ``None``; default: show unless ``save`` or axes are given.
+    save
+        Write the figure to this path (the format follows the suffix: ``.png``, ``.pdf``, ``.svg``, ...).
 
     Returns
     -------
@@ -218,6 +230,7 @@ def scale_curve(
     if absent:
         msg = f"Metrics {absent} are not in the table; it has {sorted(set(table['metric']))}."
         raise KeyError(msg)
+    show = resolve_show(show, ax=ax, save=save)
     ax = axes_or_new(ax, show, figsize=figsize, dpi=dpi)
     groups = [(None, table)] if hue is None else list(table.groupby(hue, sort=False, observed=True))
     for level, sub in groups:
@@ -236,5 +249,4 @@ def scale_curve(
         ax.set_title("note: spot-wise PCC is not comparable to gene-wise PCC", fontsize="small")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    finish(show)
-    return ax
+    return finish(ax.figure, ax, show=show, save=save, dpi=dpi)

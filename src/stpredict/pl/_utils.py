@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -10,11 +11,15 @@ from stpredict._errors import InputError
 from stpredict._geometry import affine_between, is_calibrated, raster_shape, scale_levels, to_um_affine
 
 if TYPE_CHECKING:
+    import os
+
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
-__all__ = ["axes_or_new", "display_level", "extent", "finish", "new_figure", "use_um"]
+T = TypeVar("T")
+
+__all__ = ["axes_or_new", "display_level", "extent", "finish", "new_figure", "resolve_show", "use_um"]
 
 
 def new_figure(show: bool, **kwargs: Any) -> Figure:
@@ -36,12 +41,34 @@ def axes_or_new(ax: Axes | None, show: bool, **kwargs: Any) -> Axes:
     return new_figure(show, **kwargs).add_subplot()
 
 
-def finish(show: bool) -> None:
-    """Show the pyplot figures when asked."""
+def resolve_show(show: bool | None, *, ax: Any, save: str | os.PathLike[str] | None) -> bool:
+    """Scanpy's rule for ``show=None``: show, unless the plot is saved or drawn into axes the caller passed."""
+    if show is None:
+        return ax is None and save is None
+    return bool(show)
+
+
+def finish(
+    fig: Figure, drawn: T, *, show: bool, save: str | os.PathLike[str] | None, dpi: float | None = None
+) -> T | None:
+    """Save ``fig`` to ``save`` (format from the suffix) and show it when asked (scanpy's ``show``/``save``).
+
+    Returns ``drawn`` (the figure or axes the plot function made), or ``None`` when the figure was shown, so that a
+    notebook does not display it twice.
+    """
+    if save is not None:
+        path = Path(save)
+        if not path.suffix:
+            msg = f"save={str(save)!r} has no file suffix; name the format, e.g. {str(save)!r} + '.png' or '.pdf'."
+            raise InputError(msg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi if dpi is not None else "figure", bbox_inches="tight")
     if show:
         import matplotlib.pyplot as plt
 
         plt.show()
+        return None
+    return drawn
 
 
 def display_level(element: Any, max_pixels: int) -> Any:

@@ -7,21 +7,21 @@ from typing import TYPE_CHECKING
 import lazy_loader
 
 if TYPE_CHECKING:
-    from ._bin import bin
+    from ._bin import bin_counts
     from ._calibrate import calibrate
     from ._genes import select_genes, subset_genes
     from ._normalize import inverse_normalize, normalize
-    from ._split import split
+    from ._split import make_folds
     from ._tissue import tissue_mask
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "_bin": ["bin"],
+        "_bin": ["bin_counts"],
         "_calibrate": ["calibrate"],
         "_genes": ["select_genes", "subset_genes"],
         "_normalize": ["inverse_normalize", "normalize"],
-        "_split": ["split"],
+        "_split": ["make_folds"],
         "_tissue": ["tissue_mask"],
     },
 )

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["bin"]
+__all__ = ["bin_counts"]
 
 logger = get_logger(__name__)
 
@@ -37,7 +37,7 @@ def _regions(adata: AnnData, table_key: str) -> tuple[list[str], np.ndarray]:
     return regions, adata.obs[region_key].astype(str).to_numpy()
 
 
-def bin(
+def bin_counts(
     sdata: SpatialData,
     table_key: str = Keys.table,
     *,

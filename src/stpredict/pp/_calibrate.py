@@ -47,8 +47,8 @@ def _infer_from_metadata(sdata: SpatialData, image_key: str) -> float | None:
 def calibrate(
     sdata: SpatialData,
     image_key: str = Keys.image,
-    um_per_px: float | None = None,
     *,
+    um_per_px: float | None = None,
     table_key: str | None = None,
     inplace: bool = True,
 ) -> float:

@@ -75,7 +75,7 @@ def _fit_ids(sections: dict[Any, AnnData], fit_on: Any) -> list[Any]:
     if isinstance(fit_on, str):
         msg = (
             f"fit_on={fit_on!r} is not understood. Pass 'all' (or None), or the ids of the training sections, "
-            "e.g. `fit_on=fold.train` from `st.pp.split`."
+            "e.g. `fit_on=fold.train` from `st.pp.make_folds`."
         )
         raise InputError(msg)
     ids = list(fit_on)
@@ -136,7 +136,7 @@ def select_genes(
         Which sections to fit on. ``None`` or ``"all"``: every section in ``data`` (SPEC's ``fit_on="all"``,
         the EGN/SGN convention, which leaks test sections into the choice). Otherwise the ids of the
         training sections (list positions, mapping keys or ``section_key`` values; e.g. ``fold.train`` from
-        :func:`stpredict.pp.split`) or a boolean mask over the sections: SPEC's ``fit_on="train"``.
+        :func:`stpredict.pp.make_folds`) or a boolean mask over the sections: SPEC's ``fit_on="train"``.
     layer
         Layer with the raw counts; ``None`` uses ``X``.
     table_key
@@ -245,8 +245,8 @@ def _highly_variable_order(fitted: list[AnnData], shared: pd.Index, layer: str |
 
 def subset_genes(
     data: AnnData,
-    genes: Sequence[str],
     *,
+    genes: Sequence[str],
     missing: Literal["zeros", "raise"] = "zeros",
 ) -> AnnData:
     """A copy of ``data`` restricted to ``genes``, in that order.

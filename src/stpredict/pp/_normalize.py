@@ -116,7 +116,7 @@ def fit_normalize(
             if not table.var_names.equals(genes):
                 msg = (
                     "log10_minmax fits one min and max per gene, so every training table needs the same genes in "
-                    "the same order. Subset them first with `stpredict.pp._genes.subset_genes(adata, genes)`."
+                    "the same order. Subset them first with `st.pp.subset_genes(adata, genes=genes)`."
                 )
                 raise InputError(msg)
         lo = np.full(len(genes), np.inf)
@@ -193,7 +193,7 @@ def _apply(adata: AnnData, params: dict[str, Any]) -> np.ndarray:
     if not adata.var_names.equals(genes):
         msg = (
             "This table's genes differ from those the log10_minmax parameters were fitted on. Subset it to the same "
-            "genes first: `stpredict.pp._genes.subset_genes(adata, params['genes'])`."
+            "genes first: `st.pp.subset_genes(adata, genes=params['genes'])`."
         )
         raise InputError(msg)
     counts = _dense(_counts(adata, params["layer"]))
@@ -292,7 +292,7 @@ def normalize(
 
 
 def inverse_normalize(
-    values: np.ndarray, params: dict[str, Any], *, total_counts: np.ndarray | None = None
+    values: np.ndarray, *, params: dict[str, Any], total_counts: np.ndarray | None = None
 ) -> np.ndarray:
     """Map normalised values back to counts.
 

@@ -15,7 +15,7 @@ from stpredict._logging import get_logger
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["Fold", "section_patients", "split"]
+__all__ = ["Fold", "make_folds", "section_patients"]
 
 logger = get_logger(__name__)
 
@@ -55,7 +55,7 @@ def _patient_of(item: Any, patient_key: str, table_key: str) -> Any:
 
 
 def section_patients(data: Any, *, patient_key: str = "patient", table_key: str = "table") -> pd.Series:
-    """Section id → patient (``None`` where unknown) for the inputs :func:`split` accepts."""
+    """Section id → patient (``None`` where unknown) for the inputs :func:`make_folds` accepts."""
     if isinstance(data, pd.DataFrame):
         if patient_key not in data:
             msg = f"The DataFrame needs a {patient_key!r} column (index = section ids); it has {list(data.columns)}."
@@ -69,7 +69,7 @@ def section_patients(data: Any, *, patient_key: str = "patient", table_key: str 
         items = dict(enumerate(data))
     else:
         msg = (
-            "split needs several sections: a list or {name: …} mapping of AnnData/SpatialData, or a DataFrame "
+            "make_folds needs several sections: a list or {name: …} mapping of AnnData/SpatialData, or a DataFrame "
             f"of section → patient; got {type(data).__name__}."
         )
         raise TypeError(msg)
@@ -81,7 +81,7 @@ def _assign(groups: list[Any], n_folds: int, rng: np.random.Generator) -> list[l
     return [list(part) for part in np.array_split(np.array(order, dtype=object), n_folds)]
 
 
-def split(
+def make_folds(
     data: Any,
     *,
     by: Literal["patient", "section"] = "patient",

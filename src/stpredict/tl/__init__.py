@@ -8,14 +8,16 @@ import lazy_loader
 
 if TYPE_CHECKING:
     from ._aggregate import aggregate
-    from ._evaluate import EvaluationResult, evaluate, evaluate_across_scales, highly_predictive_genes
+    from ._evaluate import EvaluationResult, evaluate, highly_predictive_genes
     from ._predict_dense import predict_dense
+    from ._scales import evaluate_across_scales
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
         "_aggregate": ["aggregate"],
-        "_evaluate": ["EvaluationResult", "evaluate", "evaluate_across_scales", "highly_predictive_genes"],
+        "_evaluate": ["EvaluationResult", "evaluate", "highly_predictive_genes"],
         "_predict_dense": ["predict_dense"],
+        "_scales": ["evaluate_across_scales"],
     },
 )

@@ -1,0 +1,139 @@
+"""Pairing two tables for evaluation: which units match (by instance id, obs_names or grid position), which genes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from stpredict._errors import InputError
+from stpredict._keys import Keys
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+__all__ = ["Match", "dense_rows", "match_units", "resolve_genes", "resolve_match", "table_matrix"]
+
+_ROW, _COL = "array_row", "array_col"
+Match = Literal["auto", "instance_id", "obs_names", "position"]
+_MATCHES = ("auto", "instance_id", "obs_names", "position")
+
+
+def table_matrix(adata: AnnData, layer: str | None, side: str) -> Any:
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        msg = f"The {side} table has no layer {layer!r}; available layers: {sorted(adata.layers)}."
+        raise KeyError(msg)
+    return adata.layers[layer]
+
+
+def dense_rows(x: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    from scipy import sparse
+
+    sub = x[rows][:, cols]
+    if sparse.issparse(sub):
+        sub = sub.toarray()
+    return np.asarray(sub, dtype=np.float64)
+
+
+def _regions(adata: AnnData) -> pd.Series | None:
+    attrs = adata.uns.get("spatialdata_attrs", {})
+    region_key = attrs.get("region_key", Keys.region_key)
+    if region_key in adata.obs:
+        return adata.obs[region_key].astype(str)
+    return None
+
+
+def _instance_key(adata: AnnData) -> str:
+    return adata.uns.get("spatialdata_attrs", {}).get("instance_key", Keys.instance_key)
+
+
+def resolve_match(pred: AnnData, truth: AnnData, match: str) -> str:
+    """``match="auto"``: instance ids when both tables carry them, else AnnData's own index (``obs_names``)."""
+    if match != "auto":
+        return match
+    if all(_instance_key(adata) in adata.obs for adata in (pred, truth)):
+        return "instance_id"
+    return "obs_names"
+
+
+def _unit_index(adata: AnnData, match: str, use_region: bool, side: str) -> pd.Index:
+    obs = adata.obs
+    if match == "position":
+        missing = [c for c in (_ROW, _COL) if c not in obs]
+        if missing:
+            msg = (
+                f"match='position' needs obs columns {_ROW!r} and {_COL!r}; the {side} table lacks {missing}. "
+                "Use match='instance_id' for units that are not on a grid."
+            )
+            raise InputError(msg)
+        index = pd.MultiIndex.from_arrays(
+            [obs[_ROW].to_numpy(np.int64), obs[_COL].to_numpy(np.int64)], names=[_ROW, _COL]
+        )
+    elif match == "obs_names":
+        index = pd.Index(adata.obs_names.astype(str), name="obs_names")
+    else:
+        instance_key = _instance_key(adata)
+        if instance_key not in obs:
+            msg = (
+                f"The {side} table has no obs column {instance_key!r} to match units by. Write the instance ids "
+                "(TableModel instance_key), use match='obs_names' to pair units by the tables' obs_names, or "
+                "match='position' for units made by the same grid."
+            )
+            raise InputError(msg)
+        ids = obs[instance_key].astype(str).to_numpy()
+        if use_region:
+            index = pd.MultiIndex.from_arrays([_regions(adata).to_numpy(), ids], names=["region", instance_key])
+        else:
+            index = pd.Index(ids, name=instance_key)
+    if index.has_duplicates:
+        dup = index[index.duplicated()][:3].tolist()
+        msg = f"The {side} table has duplicated unit keys under match={match!r} (e.g. {dup}); keys must be unique."
+        raise InputError(msg)
+    return index
+
+
+def match_units(pred: AnnData, truth: AnnData, match: str) -> tuple[pd.Index, np.ndarray, np.ndarray]:
+    """Shared unit keys (in ``pred``'s order) and their row positions in ``pred`` and ``truth``."""
+    use_region = False
+    if match == "instance_id":
+        pr, tr = _regions(pred), _regions(truth)
+        use_region = pr is not None and tr is not None and (pr.nunique() > 1 or tr.nunique() > 1)
+    p_index = _unit_index(pred, match, use_region, "prediction")
+    t_index = _unit_index(truth, match, use_region, "truth")
+    common = p_index.intersection(t_index, sort=False)
+    if len(common) == 0:
+        msg = (
+            f"The prediction ({pred.n_obs} units) and truth ({truth.n_obs} units) tables share no unit under "
+            f"match={match!r} (e.g. prediction {list(p_index[:2])}, truth {list(t_index[:2])}). Aggregate the "
+            "prediction onto the measured units (st.tl.aggregate(..., shapes_key=<their shapes>)), or use "
+            "match='position' for units made by the same grid."
+        )
+        raise InputError(msg)
+    return common, p_index.get_indexer(common), t_index.get_indexer(common)
+
+
+def resolve_genes(pred: AnnData, truth: AnnData, genes: Sequence[str] | None) -> list[str]:
+    shared = pd.Index(pred.var_names).intersection(pd.Index(truth.var_names), sort=False)
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        missing = [g for g in genes if g not in shared]
+        if missing:
+            msg = (
+                f"{len(missing)} requested genes are not in both tables (e.g. {missing[:5]}); "
+                f"{len(shared)} genes are shared."
+            )
+            raise InputError(msg)
+        return genes
+    if len(shared) == 0:
+        msg = (
+            f"The prediction ({pred.n_vars} genes, e.g. {list(pred.var_names[:3])}) and truth ({truth.n_vars} genes, "
+            f"e.g. {list(truth.var_names[:3])}) tables share no gene name. Select the same genes on both sides "
+            "(st.pp.select_genes) and check that var_names use the same identifiers."
+        )
+        raise InputError(msg)
+    return [str(g) for g in shared]
