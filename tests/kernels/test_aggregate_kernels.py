@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stpredict.kernels import _aggregate as kernels
+from stpredict.kernels import _bins as kernels
 from stpredict.kernels import axis_table, circle_pixel_area, labels_sum, polygon_pixel_area, rect_sum, shapes_sum
 
 SETTINGS = settings(max_examples=40, deadline=None)

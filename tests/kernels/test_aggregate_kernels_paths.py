@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stpredict.kernels import _aggregate as kernels
 from stpredict.kernels import (
+    _areas,
+    _bins,
     axis_table,
     circle_pixel_area,
     gather_units,
@@ -25,9 +26,9 @@ from stpredict.kernels import (
 def test_runs_split_at_width():
     lo = np.array([0, 3, 7, 8, 20, 21])
     hi = np.array([4, 8, 9, 20, 22, 30])
-    np.testing.assert_array_equal(kernels._runs(lo, hi, 8), [0, 2, 3, 4, 5, 6])
-    np.testing.assert_array_equal(kernels._runs(lo, hi, 100), [0, 6])
-    np.testing.assert_array_equal(kernels._runs(lo[:0], hi[:0], 8), [0])
+    np.testing.assert_array_equal(_bins._runs(lo, hi, 8), [0, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(_bins._runs(lo, hi, 100), [0, 6])
+    np.testing.assert_array_equal(_bins._runs(lo[:0], hi[:0], 8), [0])
 
 
 def test_channel_subsets_match_the_sliced_raster(rng):
@@ -187,7 +188,7 @@ def test_circle_window_weights_equal_circle_pixel_area_bit_for_bit(r, cx, cy, pa
     gx0, gy0 = math.floor(cx - r) - pad, math.floor(cy - r) - pad
     w, h = math.ceil(cx + r) - gx0 + pad, math.ceil(cy + r) - gy0 + pad
     weights = np.zeros((h, w))
-    kernels._circle_weights(cx, cy, r, gx0, gy0, h, w, weights)
+    _areas._circle_weights(cx, cy, r, gx0, gy0, h, w, weights)
     ref = np.zeros((h, w))
     for i in range(h):
         for j in range(w):
