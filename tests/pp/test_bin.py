@@ -14,8 +14,8 @@ from spatialdata.transformations import Scale, Sequence, Translation
 
 import stpredict as st
 from stpredict._errors import InputError
+from stpredict._grid import ID_STRIDE
 from stpredict._meta import set_element_meta
-from stpredict.tl._aggregate import ID_STRIDE
 
 
 @pytest.fixture(autouse=True)

@@ -17,8 +17,8 @@ from spatialdata.transformations import Identity, Scale, Sequence, Translation
 
 import stpredict as st
 from stpredict._errors import CoordinateSystemError, InputError
+from stpredict._grid import ID_STRIDE
 from stpredict._meta import set_element_meta
-from stpredict.tl._aggregate import ID_STRIDE
 
 GENES = ["g0", "g1", "g2"]
 
@@ -254,7 +254,7 @@ def test_align_to_and_genes(rng):
 
 
 def test_grid_origin_from_squares_circles_and_refusals():
-    from stpredict.tl._aggregate import _grid_origin_from_shapes
+    from stpredict._grid import _grid_origin_from_shapes
 
     sdata = SpatialData()
     # 2 µm squares with corners at (0.6, 1.4) + 2k µm, stored at 0.5 µm per intrinsic unit

@@ -15,7 +15,7 @@ from spatialdata.transformations import Identity, Scale, Sequence, Translation
 
 import stpredict as st
 from stpredict._meta import set_element_meta
-from stpredict.tl._aggregate import _Raster, _whole_view
+from stpredict.tl._raster import _Raster, _whole_view
 
 GENES = ["g0", "g1", "g2", "g3"]
 

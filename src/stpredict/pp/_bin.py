@@ -8,11 +8,11 @@ import numpy as np
 
 from stpredict._errors import InputError
 from stpredict._geometry import apply_affine, to_um_affine
+from stpredict._grid import ID_STRIDE, bins_geodataframe, grid_from_args, grid_transformations
 from stpredict._keys import Attrs, Keys
 from stpredict._logging import get_logger
 from stpredict._validation import check_raw_counts
 from stpredict.kernels import decimal_names
-from stpredict.tl._aggregate import ID_STRIDE, bins_geodataframe, grid_from_args, grid_transformations
 
 if TYPE_CHECKING:
     from anndata import AnnData
