@@ -12,6 +12,7 @@ import stpredict as st
 from stpredict._errors import CalibrationError, InputError
 from stpredict._geometry import set_um_per_px, um_per_px
 from stpredict._meta import get_element_meta
+from stpredict.tl import _dense_plan
 from stpredict.tl import _predict_dense as pdm
 from stpredict.tl._tiling import resample_matrix
 
@@ -281,9 +282,9 @@ def test_large_unbacked_map_goes_through_a_quiet_temporary_folder(rgb, tmp_path,
 def test_backed_run_interrupted_resumes_to_identical_map(rgb, tmp_path, monkeypatch):
     from spatialdata import read_zarr
 
-    monkeypatch.setattr(pdm, "UNIT_MAX_BYTES", 2 * 4 * 4 * 20 * 22)  # 3 panels of 2, 2, 1 chunk columns
-    plans, real_plan = [], pdm._Plan
-    monkeypatch.setattr(pdm, "_Plan", lambda *a: plans.append(real_plan(*a)) or plans[-1])
+    monkeypatch.setattr(_dense_plan, "UNIT_MAX_BYTES", 2 * 4 * 4 * 20 * 22)  # 3 panels of 2, 2, 1 chunk columns
+    plans, real_plan = [], _dense_plan.DensePlan
+    monkeypatch.setattr(_dense_plan, "DensePlan", lambda *a: plans.append(real_plan(*a)) or plans[-1])
     reference = _sdata(rgb)
     full = ColourModel()
     st.tl.predict_dense(reference, full, tissue_only=False, chunk_size=24, batch_size=4, show_progress_bar=False)
@@ -321,7 +322,7 @@ def test_backed_run_interrupted_resumes_to_identical_map(rgb, tmp_path, monkeypa
 
 def test_distributed_client_gives_the_same_map(rgb, monkeypatch):
     distributed = pytest.importorskip("distributed")
-    monkeypatch.setattr(pdm, "UNIT_MAX_BYTES", 2 * 4 * 4 * 20 * 22)
+    monkeypatch.setattr(_dense_plan, "UNIT_MAX_BYTES", 2 * 4 * 4 * 20 * 22)
     local = _sdata(rgb)
     st.tl.predict_dense(local, ColourModel(), tissue_only=False, chunk_size=24, show_progress_bar=False)
     remote = _sdata(rgb)

@@ -1,4 +1,7 @@
-"""Reading rectangles of a slide level for :func:`stpredict.tl.predict_dense`, each source chunk decoded once."""
+"""Reading rectangles of a slide level for :func:`stpredict.tl.predict_dense`, each source chunk decoded once.
+
+:func:`read_model_region` resamples such a rectangle from the level's pixels to the model's.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FILL_VALUE", "SlideReader"]
+from ._tiling import resample_matrix
+
+__all__ = ["FILL_VALUE", "SlideReader", "read_model_region"]
 
 #: White, the glass background of an H&E scan: the value of pixels outside the slide.
 FILL_VALUE = 255
@@ -81,3 +86,23 @@ class SlideReader:
             out[:, a - y0 : b - y0, c - x0 : d - x0] = block[:, a - yb[i] : b - yb[i], c - xb[j] : d - xb[j]]
         self._cache = {k: self._cache[k] for k in needed if yb[k[0] + 1] > cy1 - self.keep_rows}
         return out
+
+
+def read_model_region(
+    reader: SlideReader, ratio: tuple[float, float], my0: int, my1: int, mx0: int, mx1: int
+) -> np.ndarray:
+    """Model pixels ``[my0, my1) × [mx0, mx1)`` of the slide, resampled from the level (uint8 ``(3, h, w)``)."""
+    ry, rx = ratio
+    if ry == 1.0 and rx == 1.0:
+        return reader.read(my0, my1, mx0, mx1)
+    from scipy import sparse
+
+    wy, ly0, ly1 = resample_matrix(my0, my1, ry)
+    wx, lx0, lx1 = resample_matrix(mx0, mx1, rx)
+    raw = reader.read(ly0, ly1, lx0, lx1).astype(np.float32)
+    sy, sx = sparse.csr_matrix(wy), sparse.csr_matrix(wx)
+    out = np.empty((3, my1 - my0, mx1 - mx0), dtype=np.uint8)
+    for c in range(3):
+        rows = sy @ raw[c]
+        out[c] = np.clip(np.rint((sx @ rows.T).T), 0, 255).astype(np.uint8)
+    return out
