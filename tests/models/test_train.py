@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stpredict._errors import InputError
-from stpredict.models._train import fit, resolve_accelerator
+from stpredict.models._training import fit, resolve_accelerator
 
 GENES = ["g0", "g1", "g2"]
 FAST = {"batch_size": 4, "tiles_per_epoch": 8, "show_progress_bar": False, "device": "cpu"}
@@ -81,7 +81,7 @@ def test_validation_loss_is_taken_over_all_validation_units(sdata) -> None:
 
 
 def _normalised(images: torch.Tensor) -> torch.Tensor:
-    from stpredict.models._train import normalize_tiles
+    from stpredict.models._training import normalize_tiles
 
     return normalize_tiles(images)
 
@@ -175,7 +175,7 @@ class _BiasedTiny(helpers.TinyModel):
 @pytest.mark.parametrize(("value_kind", "reduce"), [("intensive", "mean"), ("intensive", "sum"), ("density", "sum")])
 def test_output_bias_starts_at_the_mean_target(sdata, value_kind, reduce) -> None:
     from stpredict.models._data import build_sections
-    from stpredict.models._train import _mean_target_per_pixel
+    from stpredict.models._training._fit import _mean_target_per_pixel
 
     space = "normalised" if value_kind == "intensive" else "counts"
     sections = build_sections(sdata, image_key="he", table_keys=["table"], shapes_key=None, genes=GENES, space=space)
@@ -200,10 +200,10 @@ def test_batches_without_complete_units_do_not_break_training(sdata) -> None:
 def test_training_plan_pickles() -> None:
     import pickle
 
-    from stpredict.models import _train
+    from stpredict.models._training import _plan
 
     model = helpers.TinyModel(GENES)
-    plan = _train._make_plan(
+    plan = _plan._make_plan(
         module=model.module,
         inputs="tiles",
         loss="nb",
@@ -216,8 +216,8 @@ def test_training_plan_pickles() -> None:
         n_tables=1,
     )
     again = pickle.loads(pickle.dumps(plan))  # DDP spawn and spawn-started workers pickle it
-    assert type(again) is _train._Plan
+    assert type(again) is _plan._Plan
     assert torch.equal(again.log_theta, plan.log_theta)
-    callbacks, best = _train._make_callbacks(has_val=True, patience=3)
-    assert type(pickle.loads(pickle.dumps(best))) is _train._BestWeights
+    callbacks, best = _plan._make_callbacks(has_val=True, patience=3)
+    assert type(pickle.loads(pickle.dumps(best))) is _plan._BestWeights
     assert len(callbacks) == 2

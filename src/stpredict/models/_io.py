@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
     import torch
 
+    from ._base import DenseModel
+
 __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
@@ -53,9 +55,9 @@ _REQUIRED_KEYS = ("format", "format_version", "stpredict_version", "class", "con
 
 #: Where built-in model classes live, so that :func:`load` can import them before dispatching.
 _BUILTIN_MODULES = {
-    "PixNet": "stpredict.models._pixnet",
-    "SpotCNN": "stpredict.models._baselines",
-    "EmbeddingRidge": "stpredict.models._baselines",
+    "PixNet": "stpredict.models._pixnet._model",
+    "SpotCNN": "stpredict.models._baselines._spotcnn",
+    "EmbeddingRidge": "stpredict.models._baselines._embedding_ridge",
 }
 _REGISTRY: dict[str, type] = {}
 
@@ -225,7 +227,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(msg) from err
 
 
-def load(path: str | os.PathLike[str]) -> Any:
+def load(path: str | os.PathLike[str]) -> DenseModel:
     """Load a model saved with ``model.save(path)``.
 
     Parameters
@@ -235,7 +237,9 @@ def load(path: str | os.PathLike[str]) -> Any:
 
     Returns
     -------
-    The model, of the class that saved it, on the CPU and in evaluation mode.
+    The model, an instance of the class that saved it (:class:`~stpredict.models.PixNet`,
+    :class:`~stpredict.models.SpotCNN`, :class:`~stpredict.models.EmbeddingRidge` or another class registered with
+    :func:`register_model`), so a :class:`~stpredict.models.DenseModel`, on the CPU and in evaluation mode.
 
     Raises
     ------

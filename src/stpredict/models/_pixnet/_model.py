@@ -12,9 +12,9 @@ import numpy as np
 from stpredict._errors import InputError
 from stpredict._logging import get_logger
 from stpredict._validation import check_gene_names
-
-from ._device import resolve_device
-from ._io import register_model, save_model
+from stpredict.models._device import resolve_device
+from stpredict.models._io import register_model, save_model
+from stpredict.models._weights import map_state_dict, pretrained_state_dict, resolve_encoder
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -103,7 +103,7 @@ class PixNet:
     Attributes
     ----------
     module
-        The network, a :class:`~stpredict.models._module.PixNetModule` (``nn.Module``): normalised float tiles
+        The network, a :class:`~stpredict.models._pixnet._module.PixNetModule` (``nn.Module``): normalised float tiles
         ``(B, 3, H, W)`` → ``(B, n_genes, H / output_stride, W / output_stride)``.
     normalization
         Fitted parameters of the target normalisation (from :func:`stpredict.pp.normalize`), or ``None``.
@@ -134,9 +134,9 @@ class PixNet:
     ) -> None:
         import torch
 
-        from ._encoders import build_encoder
+        from stpredict.models._encoders import build_encoder
+
         from ._module import PixNetModule
-        from ._weights import resolve_encoder
 
         genes = [str(g) for g in genes] if not isinstance(genes, str) else [genes]
         if not genes:
@@ -242,8 +242,6 @@ class PixNet:
     def _load_pretrained(
         self, pretrained: str | os.PathLike[str] | None, *, encoder: str, arch: str, kwargs: dict[str, Any]
     ) -> None:
-        from ._weights import map_state_dict, pretrained_state_dict
-
         source = pretrained_state_dict(pretrained, encoder=encoder, arch=arch, kwargs=kwargs)
         if source is None:
             return
@@ -326,7 +324,7 @@ class PixNet:
 
     # ------------------------------------------------------------------ training
     def fit(self, data: SpatialData | Sequence[SpatialData], **kwargs: Any) -> PixNet:
-        """Train on measured units; see :func:`stpredict.models._train.fit` for every option.
+        """Train on measured units; see :func:`stpredict.models._training.fit` for every option.
 
         Parameters
         ----------
@@ -339,7 +337,7 @@ class PixNet:
         -------
         ``self``, trained.
         """
-        from ._train import fit
+        from stpredict.models._training import fit
 
         fit(self, data, **kwargs)
         return self

@@ -12,7 +12,7 @@ from torch import nn
 from ._decoder import Decoder
 
 if TYPE_CHECKING:
-    from ._encoders import PyramidEncoder
+    from stpredict.models._encoders import PyramidEncoder
 
 __all__ = ["PixNetModule"]
 
