@@ -244,9 +244,11 @@ def test_signature_conventions(qualname, obj, is_class):
     if "copy" in by_name and by_name["copy"].default is not False:
         problems.append("copy defaults to False")
     if qualname.startswith("st.pl."):
-        for name in ("show", "save"):
-            if name not in by_name or by_name[name].default is not None:
-                problems.append(f"plot functions take {name}=None (scanpy's convention)")
+        problems += [
+            f"plot functions take {name}=None (scanpy's convention)"
+            for name in ("show", "save")
+            if name not in by_name or by_name[name].default is not None
+        ]
         if str(inspect.signature(obj).return_annotation) not in PLOT_RETURNS:
             problems.append(f"plot functions return one of {PLOT_RETURNS} (None when shown)")
     if not is_class and str(inspect.signature(obj).return_annotation) in ("Any", "typing.Any"):
