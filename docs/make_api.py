@@ -39,9 +39,10 @@ def _entry(qualname: str, obj: object) -> list[str]:
         return [f"- `{qualname}`: {_summary(obj)}"]
     lines = [f"- `{qualname}{_signature(obj)}`: {_summary(obj)}"]
     if inspect.isclass(obj) and not getattr(obj, "_is_protocol", False):
-        for attr, member in sorted(vars(obj).items()):
-            if not attr.startswith("_") and inspect.isfunction(member):
-                lines.append(f"  - `.{attr}{_signature(member)}`: {_summary(member)}")
+        methods = {}
+        for klass in reversed(obj.__mro__[:-1]):  # inherited methods too (the baselines share theirs)
+            methods |= {a: m for a, m in vars(klass).items() if inspect.isfunction(m) and a[0] != "_"}
+        lines += [f"  - `.{a}{_signature(m)}`: {_summary(m)}" for a, m in sorted(methods.items())]
     return lines
 
 

@@ -190,9 +190,13 @@ def _public_callables():
                     continue
                 if "__init__" in vars(obj) or any("__init__" in vars(base) for base in obj.__mro__[1:-1]):
                     yield qualname, obj, True
-                for attr, member in vars(obj).items():
-                    if not attr.startswith("_") and inspect.isfunction(member):
-                        yield f"{qualname}.{attr}", member, False
+                inherited = {}
+                for klass in reversed(obj.__mro__[:-1]):  # public methods, inherited ones included
+                    inherited |= {
+                        a: m for a, m in vars(klass).items() if not a.startswith("_") and inspect.isfunction(m)
+                    }
+                for attr, member in sorted(inherited.items()):
+                    yield f"{qualname}.{attr}", member, False
             elif callable(obj):
                 yield qualname, obj, False
 

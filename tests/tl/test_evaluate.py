@@ -305,10 +305,10 @@ def test_evaluate_across_scales_with_truth_map(monkeypatch, rng):
     calls = []
 
     def fake_aggregate(
-        sdata, image_key, *, bin_size=None, shapes_key=None, inplace=True, genes=None, reduce=None, tissue_key=None
+        sdata, map_key, *, bin_size=None, shapes_key=None, inplace=True, genes=None, reduce=None, tissue_key=None
     ):
-        calls.append((image_key, bin_size, shapes_key, inplace, reduce, tissue_key))
-        return _grid_table(maps[image_key], bin_size, f"{image_key}_{bin_size}")
+        calls.append((map_key, bin_size, shapes_key, inplace, reduce, tissue_key))
+        return _grid_table(maps[map_key], bin_size, f"{map_key}_{bin_size}")
 
     monkeypatch.setitem(vars(tl), "aggregate", fake_aggregate)  # no lazy import of the real one
     sdata = _FakeSData({"pred": None, "gt": None})
@@ -332,7 +332,7 @@ def test_evaluate_across_scales_with_measured_tables(monkeypatch, rng):
     t16 = _table(rng.normal(size=(10, 3)), region="bins_16um")
     seen = []
 
-    def fake_aggregate(sdata, image_key, *, shapes_key=None, inplace=True, genes=None, **_):
+    def fake_aggregate(sdata, map_key, *, shapes_key=None, inplace=True, genes=None, **_):
         seen.append(shapes_key)
         table = measured[8] if shapes_key == "bins_8um" else t16
         return _table(np.asarray(table.X) * 2 + 1, region="he_pixnet_" + shapes_key)  # perfect up to affine

@@ -2,7 +2,7 @@
 
 Three kinds of units, all with exact pixel-area weights (each pixel counts by the area it shares with the unit):
 
-* square bins of any size in µm on a grid defined in the ``"um"`` coordinate system (see :class:`Grid`),
+* square bins of any size in µm on a grid defined in the ``"um"`` coordinate system (see :class:`stpredict._grid.Grid`),
 * circles and polygons of a shapes element,
 * the labels of a labels element at any resolution.
 
@@ -53,7 +53,7 @@ logger = get_logger(__name__)
 
 def aggregate(
     sdata: SpatialData,
-    image_key: str,
+    map_key: str,
     *,
     bin_size: float | None = None,
     shapes_key: str | None = None,
@@ -70,7 +70,7 @@ def aggregate(
     inplace: bool = True,
     show_progress_bar: bool | None = None,
 ) -> AnnData | None:
-    """Aggregate an image with named channels into a table of square bins, shapes or labels.
+    """Aggregate a dense map (any image with named channels) into a table of square bins, shapes or labels.
 
     Every pixel contributes by the exact area it shares with a unit. The map is read block by block
     (dask-backed, multiscale maps stay out of core: memory is bounded by ``block_bytes`` plus the output).
@@ -79,10 +79,12 @@ def aggregate(
     ----------
     sdata
         SpatialData holding the image.
-    image_key
-        Image ``(c, y, x)`` whose channel names become ``var_names`` (a dense map, a ground-truth map, H&E).
+    map_key
+        Image ``(c, y, x)`` in ``sdata.images`` whose channel names become ``var_names`` (a dense map from
+        :func:`stpredict.tl.predict_dense`, a ground-truth map, or any image with named channels).
     bin_size
-        Side of square bins in µm, on the grid described in :class:`Grid`. Exactly one of ``bin_size``,
+        Side of square bins in µm, on a grid with a corner at ``origin_um`` or on ``align_to``'s grid (the grid of
+        :func:`stpredict.pp.bin_counts`, so the two tables line up bin for bin). Exactly one of ``bin_size``,
         ``shapes_key`` and ``labels_key``.
     shapes_key
         Shapes element of circles (``radius`` column) and/or (multi)polygons (holes respected).
@@ -94,8 +96,8 @@ def aggregate(
     genes
         Channels to aggregate (default all).
     key_added
-        Table key; default ``Keys.binned(image_key, bin_size)`` for bins, ``f"{image_key}_{shapes_key}"`` or
-        ``f"{image_key}_{labels_key}"`` otherwise. Square bins are written as shapes ``f"{key_added}_bins"``.
+        Table key; default ``Keys.binned(map_key, bin_size)`` for bins, ``f"{map_key}_{shapes_key}"`` or
+        ``f"{map_key}_{labels_key}"`` otherwise. Square bins are written as shapes ``f"{key_added}_bins"``.
     origin_um
         A bin corner ``(x, y)`` in µm (default the image corner ``(0, 0)``).
     align_to
@@ -137,33 +139,33 @@ def aggregate(
     if bin_size is None and (origin_um is not None or align_to is not None):
         msg = "origin_um and align_to only apply to square bins (bin_size)."
         raise InputError(msg)
-    m = _check_map(sdata, image_key, genes, reduce, force, need_um=bin_size is not None)
-    params: dict[str, Any] = {"image_key": image_key, "reduce": m.reduce, "value_kind": m.value_kind}
+    m = _check_map(sdata, map_key, genes, reduce, force, need_um=bin_size is not None)
+    params: dict[str, Any] = {"map_key": map_key, "reduce": m.reduce, "value_kind": m.value_kind}
     shapes_el = None
     if bin_size is not None:
         grid = grid_from_args(sdata, bin_size, origin_um, align_to)
         px_um = math.sqrt(m.px_area_um2)
         if grid.size < px_um * (1 - 1e-9) and not allow_subpixel:
             msg = (
-                f"bin_size={bin_size} µm is smaller than a pixel of {image_key!r} ({px_um:.4g} µm): such bins only "
+                f"bin_size={bin_size} µm is smaller than a pixel of {map_key!r} ({px_um:.4g} µm): such bins only "
                 "interpolate the map. Use a larger bin, or pass allow_subpixel=True."
             )
             raise InputError(msg)
-        tissue = _tissue_key(sdata, image_key, tissue_key)
+        tissue = _tissue_key(sdata, map_key, tissue_key)
         x, obs, sum_unit = _bins(sdata, m, grid, tissue, block_bytes, show_progress_bar)
-        key = key_added or Keys.binned(image_key, grid.size)
+        key = key_added or Keys.binned(map_key, grid.size)
         region = f"{key}_bins"
         params |= grid.params() | {"tissue_key": tissue, "align_to": align_to, "spatial_space": "um"}
     elif shapes_key is not None:
         sums, obs = _shapes(sdata, m, shapes_key, block_bytes, show_progress_bar)
         x, sum_unit = _finish(sums, obs, m)
-        key = key_added or f"{image_key}_{shapes_key}"
+        key = key_added or f"{map_key}_{shapes_key}"
         region = shapes_key
         params |= {"shapes_key": shapes_key, "spatial_space": "intrinsic"}
     else:
         sums, obs = _labels(sdata, m, labels_key, block_bytes, show_progress_bar)
         x, sum_unit = _finish(sums, obs, m)
-        key = key_added or f"{image_key}_{labels_key}"
+        key = key_added or f"{map_key}_{labels_key}"
         region = labels_key
         params |= {"labels_key": labels_key, "spatial_space": "intrinsic"}
     if inplace and key in sdata.tables:
@@ -192,7 +194,7 @@ def aggregate(
         return adata
     if bin_size is not None:
         gdf = bins_geodataframe(grid, obs["array_row"], obs["array_col"], obs[Keys.instance_key])
-        shapes_el = ShapesModel.parse(gdf, transformations=grid_transformations(sdata, image_key))
+        shapes_el = ShapesModel.parse(gdf, transformations=grid_transformations(sdata, map_key))
         sdata.shapes[region] = shapes_el
     sdata.tables[key] = adata
     return None

@@ -83,7 +83,21 @@ class EmbeddingRidge(_SlidingWindowModel):
         self.ridge: dict[str, torch.Tensor] | None = None
 
     def embed(self, crops: np.ndarray, *, device: str = "auto", batch_size: int = 64) -> np.ndarray:
-        """Frozen embeddings of ``uint8 (n, 3, c, c)`` crops, ``float32 (n, features)``."""
+        """Frozen encoder embeddings of image crops.
+
+        Parameters
+        ----------
+        crops
+            ``uint8 (n, 3, c, c)`` RGB crops.
+        device
+            Torch device (``"auto"``: ``settings.device``).
+        batch_size
+            Crops per forward pass.
+
+        Returns
+        -------
+        ``float32 (n, features)`` embeddings.
+        """
         dev = resolve_device(device)
         self.module.to(dev).eval()
         out = []

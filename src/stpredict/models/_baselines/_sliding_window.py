@@ -145,7 +145,19 @@ class _SlidingWindowModel:
         raise NotImplementedError
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write ``config.json`` + ``weights.safetensors`` to the folder ``path`` (read back by ``st.models.load``)."""
+        """Write ``config.json`` + ``weights.safetensors`` to the folder ``path`` (read back by ``st.models.load``).
+
+        Parameters
+        ----------
+        path
+            Folder to write (created; its parent must exist).
+        overwrite
+            Replace an existing checkpoint in ``path``; without it an existing checkpoint is refused.
+
+        Returns
+        -------
+        The checkpoint folder.
+        """
         return save_model(self, path, overwrite=overwrite)
 
     @classmethod

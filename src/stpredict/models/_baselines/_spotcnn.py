@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from stpredict.models._io import register_model
+from stpredict.models._training import fit_options
 
 from ._sliding_window import _backbone, _SlidingWindowModel
 
@@ -80,10 +81,23 @@ class SpotCNN(_SlidingWindowModel):
         self.encoder = encoder
         self.module = _CropRegressor(_backbone(encoder, pretrained), len(self.var_names))
 
+    @fit_options
     def fit(self, data: SpatialData | Sequence[SpatialData], **kwargs: Any) -> SpotCNN:
-        """Train on crops centred on measured units; see :func:`stpredict.models._training.fit` for the arguments.
+        """Train on crops centred on measured units, with the training loop PixNet uses.
 
         ``tiles_per_epoch`` counts crops; ``loss`` must be ``"paper"`` (normalised targets).
+
+        Parameters
+        ----------
+        data
+            One SpatialData or a list (one per training section), calibrated (µm per pixel).
+        kwargs
+            The training options below, all keyword-only.
+        {fit_options}
+
+        Returns
+        -------
+        ``self``, trained.
         """
         from stpredict.models._training import fit
 

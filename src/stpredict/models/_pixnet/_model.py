@@ -14,6 +14,7 @@ from stpredict._logging import get_logger
 from stpredict._validation import check_gene_names
 from stpredict.models._device import resolve_device
 from stpredict.models._io import register_model, save_model
+from stpredict.models._training import IMAGENET_MEAN, IMAGENET_STD, fit_options
 from stpredict.models._weights import map_state_dict, pretrained_state_dict, resolve_encoder
 
 if TYPE_CHECKING:
@@ -23,12 +24,10 @@ if TYPE_CHECKING:
     import torch
     from spatialdata import SpatialData
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PixNet", "resolve_device"]
+__all__ = ["PixNet"]
 
 logger = get_logger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _VALUE_KINDS = ("intensive", "density")
 _ATTENTION = ("spatial", "channel")
@@ -258,7 +257,13 @@ class PixNet:
         return (self.um_per_px * self.output_stride) ** 2
 
     def n_parameters(self, *, trainable_only: bool = False) -> int:
-        """Number of parameters of the network (only those that train, if ``trainable_only``)."""
+        """Number of parameters of the network.
+
+        Parameters
+        ----------
+        trainable_only
+            Count only the parameters that train (a frozen encoder's are left out).
+        """
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad or not trainable_only)
 
     def __repr__(self) -> str:
@@ -323,15 +328,21 @@ class PixNet:
         return out
 
     # ------------------------------------------------------------------ training
+    @fit_options
     def fit(self, data: SpatialData | Sequence[SpatialData], **kwargs: Any) -> PixNet:
-        """Train on measured units; see :func:`stpredict.models._training.fit` for every option.
+        """Train on measured units (spots or bins of any size) of one or more sections.
+
+        Tiles of ``tile_size`` pixels at ``um_per_px`` are sampled around measured units, read lazily from the
+        image, augmented, and the predicted map is aggregated inside each unit's exact footprint and compared
+        with its target.
 
         Parameters
         ----------
         data
             One SpatialData or a list (one per training section), calibrated (µm per pixel).
         kwargs
-            ``image_key``, ``table_key``, ``loss``, ``max_epochs``, ... passed to the shared fit loop.
+            The training options below, all keyword-only.
+        {fit_options}
 
         Returns
         -------
@@ -348,6 +359,17 @@ class PixNet:
 
         The config holds every constructor argument, the genes, µm per pixel, the target normalisation,
         the fit history and the stpredict version. Nothing is pickled.
+
+        Parameters
+        ----------
+        path
+            Folder to write (created; its parent must exist).
+        overwrite
+            Replace an existing checkpoint in ``path``; without it an existing checkpoint is refused.
+
+        Returns
+        -------
+        The checkpoint folder.
         """
         return save_model(self, path, overwrite=overwrite)
 

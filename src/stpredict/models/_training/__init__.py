@@ -7,7 +7,7 @@ wraps the network in the training plan and runs the Lightning trainer. This pack
 
 from __future__ import annotations
 
-from ._fit import fit, resolve_accelerator
+from ._fit import fit, fit_options, resolve_accelerator
 from ._plan import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "fit", "normalize_tiles", "resolve_accelerator"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "fit", "fit_options", "normalize_tiles", "resolve_accelerator"]

@@ -9,9 +9,11 @@ multi-GPU data parallelism (``devices=4, strategy="ddp"``) without code of our o
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import textwrap
 import warnings
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
@@ -35,11 +37,13 @@ from stpredict.models._losses import LOSSES
 from ._plan import _make_callbacks, _make_plan
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from spatialdata import SpatialData
 
-__all__ = ["fit", "resolve_accelerator"]
+__all__ = ["fit", "fit_options", "resolve_accelerator"]
+
+F = TypeVar("F", bound="Callable[..., Any]")
 
 logger = get_logger(__name__)
 
@@ -410,3 +414,19 @@ def _target_normalization(data: Any, table_key: str, target_layer: str | None) -
     records = first.tables[table_key].uns.get(Attrs.root, {}).get("normalize", {})
     record = records.get(target_layer) if isinstance(records, dict) else None
     return dict(record) if isinstance(record, dict) else {"method": "unknown", "layer": target_layer}
+
+
+def fit_options(method: F) -> F:
+    """Write the training options of :func:`fit` into a model's ``fit`` docstring, at its ``{fit_options}`` line.
+
+    The models' ``fit`` methods pass their options on to :func:`fit`; this keeps ``help(PixNet.fit)`` complete
+    without a second copy of the option texts to keep in step.
+    """
+    doc = inspect.cleandoc(fit.__doc__ or "")
+    start = doc.index("\nimage_key\n") + 1
+    options = doc[start : doc.index("\n\nReturns\n")]
+    template = method.__doc__ or ""
+    line = next(line for line in template.splitlines() if line.strip() == "{fit_options}")
+    indent = line[: len(line) - len(line.lstrip())]
+    method.__doc__ = template.replace(line, textwrap.indent(options, indent))
+    return method
