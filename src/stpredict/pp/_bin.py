@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stpredict._elements import add_elements, check_new_elements
 from stpredict._errors import InputError
 from stpredict._geometry import apply_affine, to_um_affine
 from stpredict._grid import ID_STRIDE, bins_geodataframe, grid_from_args, grid_transformations
@@ -46,6 +47,7 @@ def bin_counts(
     align_to: str | None = None,
     key_added: str | None = None,
     layer: str | None = None,
+    overwrite: bool = False,
     inplace: bool = True,
 ) -> AnnData | None:
     """Sum the counts of measured units into square bins of ``bin_size`` µm on the aggregate grid.
@@ -72,13 +74,22 @@ def bin_counts(
         ``f"{key_added}_bins"``.
     layer
         Layer with the raw counts (default ``X``).
+    overwrite
+        Replace an existing table ``key_added`` and shapes ``f"{key_added}_bins"``. Without it, a call whose table or
+        bins key exists raises before any work; an element of another type is never replaced.
     inplace
-        Write the table and shapes into ``sdata``; otherwise return the table only.
+        Write the table and shapes into ``sdata``; otherwise return the table only (and write or check nothing).
 
     Returns
     -------
     The binned table when ``inplace=False``: ``X`` float32 CSR counts (sums), ``obs`` with ``instance_id``,
     ``region``, ``array_row``, ``array_col``, ``n_units``, ``area_um2``; ``obsm["spatial"]`` bin centres in µm.
+
+    Raises
+    ------
+    InputError
+        On invalid arguments or counts, or (with ``inplace``) a table or bins key that exists without
+        ``overwrite``, or that names an element of another type.
     """
     import pandas as pd
     import scipy.sparse as sp
@@ -90,6 +101,8 @@ def bin_counts(
         raise KeyError(msg)
     adata = sdata.tables[table_key]
     grid = grid_from_args(sdata, bin_size, origin_um, align_to)
+    key = key_added or Keys.binned(table_key, grid.size)
+    shapes_key = f"{key}_bins"
     if "spatial" not in adata.obsm:
         msg = f"Table {table_key!r} has no obsm['spatial'] unit centres; they are needed to assign units to bins."
         raise InputError(msg)
@@ -99,6 +112,8 @@ def bin_counts(
     counts = adata.X if layer is None else adata.layers[layer]
     check_raw_counts(counts, name=f"counts of table {table_key!r}")
     regions, unit_region = _regions(adata, table_key)
+    if inplace:  # every key this call writes, before any work
+        check_new_elements(sdata, {key: "tables", shapes_key: "shapes"}, overwrite=overwrite)
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
     um = np.full_like(xy, np.nan)
     for region in regions:
@@ -128,8 +143,6 @@ def bin_counts(
         },
         index=pd.Index(decimal_names(uniq), dtype=object, copy=False),
     )
-    key = key_added or Keys.binned(table_key, grid.size)
-    shapes_key = f"{key}_bins"
     obs[Keys.region_key] = pd.Categorical.from_codes(np.zeros(n_bins, dtype=np.int8), categories=[shapes_key])
     centres = np.c_[grid.x0 + (b_col + 0.5) * grid.size, grid.y0 + (b_row + 0.5) * grid.size]
     out = AnnData(X=x, obs=obs, var=adata.var.copy(), obsm={"spatial": centres})
@@ -140,6 +153,6 @@ def bin_counts(
         return out
     reference = regions[0]
     gdf = bins_geodataframe(grid, b_row, b_col, uniq)
-    sdata.shapes[shapes_key] = ShapesModel.parse(gdf, transformations=grid_transformations(sdata, reference))
-    sdata.tables[key] = out
+    shapes = ShapesModel.parse(gdf, transformations=grid_transformations(sdata, reference))
+    add_elements(sdata, {shapes_key: ("shapes", shapes), key: ("tables", out)})
     return None

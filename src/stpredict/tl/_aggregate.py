@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from stpredict._elements import add_elements, check_new_elements
 from stpredict._errors import InputError
 from stpredict._grid import bins_geodataframe, grid_from_args, grid_transformations
 from stpredict._keys import Attrs, Keys
@@ -67,6 +68,7 @@ def aggregate(
     allow_subpixel: bool = False,
     force: bool = False,
     block_bytes: int = BLOCK_BYTES,
+    overwrite: bool = False,
     inplace: bool = True,
     show_progress_bar: bool | None = None,
 ) -> AnnData | None:
@@ -112,8 +114,12 @@ def aggregate(
         Allow the reduction that does not fit the map's declared value kind.
     block_bytes
         Bytes of the map read at a time when it is not in memory (a map in memory is read where it is).
+    overwrite
+        Replace an existing table ``key_added`` (and, for bins, shapes ``f"{key_added}_bins"``). Without it, a call
+        whose table or bins key exists raises before any work; an element of another type is never replaced.
     inplace
-        Write the table (and the bins shapes) into ``sdata``; otherwise return the table and write nothing.
+        Write the table (and the bins shapes) into ``sdata``; otherwise return the table and write nothing (and
+        check no key).
     show_progress_bar
         Default ``settings.show_progress_bar``.
 
@@ -123,6 +129,12 @@ def aggregate(
     ``n_pixels`` (map pixels inside the unit, fractional), ``area_um2`` (the unit's area on the map) and, for bins,
     ``array_row``, ``array_col`` (and ``tissue_fraction``); ``obsm["spatial"]`` the unit centres in the annotated
     element's intrinsic coordinates (µm for bins); ``uns["stpredict"]`` the parameters.
+
+    Raises
+    ------
+    InputError
+        On invalid arguments, or (with ``inplace``) a table or bins key that exists without ``overwrite``, or
+        that names an element of another type.
     """
     from anndata import AnnData
     from spatialdata.models import ShapesModel, TableModel
@@ -141,9 +153,8 @@ def aggregate(
         raise InputError(msg)
     m = _check_map(sdata, map_key, genes, reduce, force, need_um=bin_size is not None)
     params: dict[str, Any] = {"map_key": map_key, "reduce": m.reduce, "value_kind": m.value_kind}
-    shapes_el = None
-    if bin_size is not None:
-        grid = grid_from_args(sdata, bin_size, origin_um, align_to)
+    grid = grid_from_args(sdata, bin_size, origin_um, align_to) if bin_size is not None else None
+    if grid is not None:
         px_um = math.sqrt(m.px_area_um2)
         if grid.size < px_um * (1 - 1e-9) and not allow_subpixel:
             msg = (
@@ -152,24 +163,27 @@ def aggregate(
             )
             raise InputError(msg)
         tissue = _tissue_key(sdata, map_key, tissue_key)
-        x, obs, sum_unit = _bins(sdata, m, grid, tissue, block_bytes, show_progress_bar)
         key = key_added or Keys.binned(map_key, grid.size)
         region = f"{key}_bins"
+    else:
+        unit_key = shapes_key if shapes_key is not None else labels_key
+        key = key_added or f"{map_key}_{unit_key}"
+        region = unit_key
+    if inplace:  # every key this call writes, before any work
+        check_new_elements(
+            sdata, {key: "tables", region: "shapes"} if grid is not None else {key: "tables"}, overwrite=overwrite
+        )
+    if grid is not None:
+        x, obs, sum_unit = _bins(sdata, m, grid, tissue, block_bytes, show_progress_bar)
         params |= grid.params() | {"tissue_key": tissue, "align_to": align_to, "spatial_space": "um"}
     elif shapes_key is not None:
         sums, obs = _shapes(sdata, m, shapes_key, block_bytes, show_progress_bar)
         x, sum_unit = _finish(sums, obs, m)
-        key = key_added or f"{map_key}_{shapes_key}"
-        region = shapes_key
         params |= {"shapes_key": shapes_key, "spatial_space": "intrinsic"}
     else:
         sums, obs = _labels(sdata, m, labels_key, block_bytes, show_progress_bar)
         x, sum_unit = _finish(sums, obs, m)
-        key = key_added or f"{map_key}_{labels_key}"
-        region = labels_key
         params |= {"labels_key": labels_key, "spatial_space": "intrinsic"}
-    if inplace and key in sdata.tables:
-        logger.info("Overwriting table %r.", key)
     params["sum_unit"] = sum_unit
     spatial = obs.pop("spatial")
     import anndata
@@ -192,9 +206,10 @@ def aggregate(
     }
     if not inplace:
         return adata
-    if bin_size is not None:
+    elements: dict[str, Any] = {}
+    if grid is not None:
         gdf = bins_geodataframe(grid, obs["array_row"], obs["array_col"], obs[Keys.instance_key])
-        shapes_el = ShapesModel.parse(gdf, transformations=grid_transformations(sdata, map_key))
-        sdata.shapes[region] = shapes_el
-    sdata.tables[key] = adata
+        elements[region] = ("shapes", ShapesModel.parse(gdf, transformations=grid_transformations(sdata, map_key)))
+    elements[key] = ("tables", adata)
+    add_elements(sdata, elements)
     return None
