@@ -42,6 +42,9 @@ class ColourModel:
         self.calls = 0
         self.tiles = 0
 
+    def state_dict(self):  # what identifies the model's map to a resumed run
+        return {"mix": MIX, "tile_bias": np.float64(self.tile_bias)}
+
     def predict_tiles(self, tiles, *, device="auto"):
         assert tiles.dtype == np.uint8
         assert tiles.shape[1:] == (3, self.tile_size, self.tile_size)
@@ -65,11 +68,12 @@ def _image(shape=(150, 200), seed=0) -> np.ndarray:
     return (40 + 200 * smooth).astype(np.uint8)
 
 
-def _sdata(rgb, um=1.0, scale_factors=None, calibrate=True):
+def _sdata(rgb, um=1.0, scale_factors=None, calibrate=True, channels=("r", "g", "b")):
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
 
-    img = Image2DModel.parse(rgb, dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=scale_factors)
+    c_coords = None if channels is None else list(channels)
+    img = Image2DModel.parse(rgb, dims=("c", "y", "x"), c_coords=c_coords, scale_factors=scale_factors)
     sdata = SpatialData(images={"he": img})
     if calibrate:
         set_um_per_px(sdata, "he", um)
@@ -383,3 +387,69 @@ def test_runs_a_real_pixnet(rgb):
     assert np.abs(pred).sum() > 0
     assert um_per_px(sdata, "he_pixnet") == pytest.approx(4.0)
     assert get_element_meta(sdata, "he_pixnet")["value_kind"] == model.value_kind
+
+
+def _he_like(shape=(200, 240)) -> np.ndarray:
+    """Pink tissue (an ellipse with texture) on white glass, for the computed tissue mask."""
+    texture = _image(shape).astype(np.float64) / 255
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    tissue = ((yy - 100) / 80) ** 2 + ((xx - 100) / 90) ** 2 < 1
+    pink = np.array([200.0, 120.0, 170.0])[:, None, None] * (0.6 + 0.4 * texture)
+    return np.where(tissue, pink, 242).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda u: u / 255,
+        lambda u: (u / 255).astype(np.float32),
+        lambda u: u.astype(np.float32),
+        lambda u: u.astype(np.uint16),
+    ],
+    ids=["float64 [0, 1]", "float32 [0, 1]", "float32 [0, 255]", "uint16 [0, 255]"],
+)
+def test_float_images_give_the_map_of_the_uint8_image(convert):
+    """Float RGB in [0, 1] or [0, 255] is read as the uint8 image it encodes, tissue mask included."""
+    rgb = _he_like()
+    reference = _sdata(rgb)
+    st.tl.predict_dense(reference, ColourModel(), show_progress_bar=False)  # tissue mask computed
+    converted = _sdata(convert(rgb))
+    st.tl.predict_dense(converted, ColourModel(), show_progress_bar=False)
+    np.testing.assert_array_equal(_map(converted), _map(reference))
+    assert 0.2 < np.mean(_map(reference)[0] != 0) < 0.9  # the mask selected part of the slide
+    mask = st.pp.tissue_mask(_sdata(convert(rgb)), "he", inplace=False)
+    expected = st.pp.tissue_mask(_sdata(rgb), "he", inplace=False)
+    np.testing.assert_array_equal(np.asarray(mask.data), np.asarray(expected.data))
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ((np.arange(24.0).reshape(2, 3, 4) - 10) / 5, "normalised"),  # standardised, not RGB
+        (np.linspace(0, 300, 24).reshape(2, 3, 4), r"\[0, 255\]"),
+        (np.linspace(0, 4000, 24).reshape(2, 3, 4).astype(np.uint16), "257"),
+    ],
+    ids=["negative", "float over 255", "16-bit"],
+)
+def test_images_that_are_not_rgb_values_are_refused(rgb, values, match):
+    image = np.resize(values, rgb.shape).astype(values.dtype)
+    with pytest.raises(InputError, match=match):
+        st.tl.predict_dense(_sdata(image), ColourModel(), tissue_only=False, show_progress_bar=False)
+
+
+def test_channel_names_say_which_is_red_green_blue(rgb):
+    reference = _sdata(rgb)
+    st.tl.predict_dense(reference, ColourModel(), tissue_only=False, show_progress_bar=False)
+    bgr = _sdata(rgb[::-1].copy(), channels=["b", "g", "r"])
+    st.tl.predict_dense(bgr, ColourModel(), tissue_only=False, show_progress_bar=False)
+    np.testing.assert_array_equal(_map(bgr), _map(reference))
+    alpha = np.full_like(rgb[:1], 255)
+    named = _sdata(np.concatenate([alpha, rgb[[1, 2, 0]]]), channels=["Alpha", "Green", "Blue", "Red"])
+    st.tl.predict_dense(named, ColourModel(), tissue_only=False, show_progress_bar=False)
+    np.testing.assert_array_equal(_map(named), _map(reference))
+    unnamed = _sdata(np.concatenate([rgb, alpha]), channels=None)  # integer names: the first three, as before
+    st.tl.predict_dense(unnamed, ColourModel(), tissue_only=False, show_progress_bar=False)
+    np.testing.assert_array_equal(_map(unnamed), _map(reference))
+    for names in (["x", "y", "z"], ["r", "r", "b"], ["hematoxylin", "eosin", "dab"]):
+        with pytest.raises(InputError, match="c_coords=\\['r', 'g', 'b'\\]"):
+            st.tl.predict_dense(_sdata(rgb, channels=names), ColourModel(), tissue_only=False)

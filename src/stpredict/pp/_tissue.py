@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from stpredict._elements import add_elements, check_new_elements
 from stpredict._errors import InputError
 from stpredict._geometry import raster_shape, scale_levels, um_per_px
 from stpredict._keys import Attrs, Keys
@@ -53,6 +54,7 @@ def tissue_mask(
     threshold: float | None = None,
     min_area_um2: float = 10_000.0,
     key_added: str | None = None,
+    overwrite: bool = False,
     inplace: bool = True,
 ) -> DataArray | None:
     """Segment tissue from background in an H&E image.
@@ -80,8 +82,12 @@ def tissue_mask(
         Connected tissue pieces smaller than this area (µm²) are dropped.
     key_added
         Key of the labels element; default ``Keys.tissue_mask(image_key)`` (``"he_tissue"``).
+    overwrite
+        Replace an existing labels element ``key_added``. Without it, a call whose key exists raises before any
+        work; an element of another type is never replaced.
     inplace
-        Write ``sdata.labels[key_added]``; with ``False`` return the labels element instead.
+        Write ``sdata.labels[key_added]``; with ``False`` return the labels element instead (and write or check
+        nothing).
 
     Returns
     -------
@@ -95,7 +101,8 @@ def tissue_mask(
     CalibrationError
         If the image's µm per pixel is unknown.
     InputError
-        If no tissue is found.
+        If no tissue is found, or (with ``inplace``) ``key_added`` exists without ``overwrite`` or names an element
+        of another type.
     """
     from scipy import ndimage
     from skimage.filters import threshold_otsu
@@ -111,6 +118,9 @@ def tissue_mask(
     if target_um_per_px <= 0 or min_area_um2 < 0:
         msg = "target_um_per_px must be positive and min_area_um2 non-negative."
         raise InputError(msg)
+    key = key_added or Keys.tissue_mask(image_key)
+    if inplace:  # before any work
+        check_new_elements(sdata, {key: "labels"}, overwrite=overwrite)
     image = sdata.images[image_key]
     full_um = um_per_px(sdata, image_key)
     level, fy, fx = _pick_level(image, full_um, target_um_per_px)
@@ -122,6 +132,8 @@ def tissue_mask(
     if extra > 1:
         rgb = rgb.coarsen(y=extra, x=extra, boundary="pad").mean()
     rgb = np.asarray(rgb.data.compute() if hasattr(rgb.data, "compute") else rgb.data)
+    if np.issubdtype(level.dtype, np.floating) and np.nanmax(rgb, initial=0.0) <= 1:  # float RGB in [0, 1]
+        rgb = rgb * np.float32(255)  # the dark-pixel cutoff is in [0, 255]
     fy, fx = fy * extra, fx * extra
     mask_um = full_um * max(fy, fx)
 
@@ -150,7 +162,6 @@ def tissue_mask(
     scale = Scale([fy, fx], axes=("y", "x"))
     transformations = {cs: Sequence([scale, t]) for cs, t in get_transformation(image, get_all=True).items()}
     labels_el = Labels2DModel.parse(mask.astype(np.uint8), dims=("y", "x"), transformations=transformations)
-    key = key_added or Keys.tissue_mask(image_key)
     meta = {
         "kind": "tissue_mask",
         "image_key": image_key,
@@ -164,6 +175,6 @@ def tissue_mask(
     if not inplace:
         labels_el.attrs[Attrs.root] = meta
         return labels_el
-    sdata.labels[key] = labels_el
+    add_elements(sdata, {key: ("labels", labels_el)})
     set_element_meta(sdata, key, labels_el, meta)
     return None

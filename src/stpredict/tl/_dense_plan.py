@@ -18,6 +18,7 @@ from stpredict._geometry import raster_shape, scale_levels, transformation_matri
 from stpredict._keys import Keys
 from stpredict.pp import tissue_mask
 
+from ._slide_input import SlideInput, slide_input
 from ._tiling import AxisGrid, window_1d
 
 if TYPE_CHECKING:
@@ -72,12 +73,13 @@ class MapLayout:
     image: Any  # the image element
     image_key: str  # its key
     level_index: int  # pyramid level read
-    level: Any  # that level, ``(c, y, x)``
+    level: Any  # that level as uint8 red, green, blue ``(3, y, x)`` (lazy), or as stored when that is what it is
     image_shape: tuple[int, int]  # full-resolution image pixels (y, x)
     image_um_per_px: float  # µm per full-resolution image pixel
     image_px_per_map_px: float  # full-resolution image pixels per map pixel
     overlap: int  # overlap of neighbouring tiles in map pixels
     tissue: TissueMask | None  # the mask tiles were selected with (``tissue_only``)
+    source: SlideInput = SlideInput()  # how RGB is read from the image: channel order and value scale
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -230,12 +232,15 @@ def plan_map(
     """Plan the map of ``model`` over image ``image_key``: source level, tile grid, chunks, units and tiles to run.
 
     Raises :class:`~stpredict._errors.InputError` on a slide/model scale mismatch beyond ``max_rescale``, an image
-    that is not RGB, an overlap that does not fit the tiles, or (with ``tissue_only``) no tissue under the image.
+    that is not RGB (channels not named red, green, blue; values outside [0, 255]), an overlap that does not fit
+    the tiles, or (with ``tissue_only``) no tissue under the image.
     """
     image = sdata.images[image_key]
     u_img = um_per_px(sdata, image_key)
     f0 = model.um_per_px / u_img  # full-resolution image pixels per model pixel
     level_index, level, ratio = _source_level(image, image_key, model, u_img, f0, max_rescale)
+    source = slide_input(image, level, image_key)
+    level = source.apply(level)
 
     s, t = model.output_stride, model.tile_size
     n, context, overlap = _tile_overlap(model, overlap_um)
@@ -264,4 +269,4 @@ def plan_map(
     else:
         run = np.ones((gy.n_tiles, gx.n_tiles), dtype=bool)
     plan = DensePlan(gy, gx, s, t, ratio, run, channels, panel)
-    return MapLayout(plan, image, image_key, level_index, level, (ny0, nx0), u_img, f, overlap, tissue)
+    return MapLayout(plan, image, image_key, level_index, level, (ny0, nx0), u_img, f, overlap, tissue, source)

@@ -7,7 +7,6 @@ image element and add it with its metadata.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -15,17 +14,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from stpredict._elements import add_elements, check_new_elements
 from stpredict._errors import InputError
 from stpredict._keys import Keys
 from stpredict._logging import get_logger
 from stpredict._meta import set_element_meta
-from stpredict._settings import settings
+from stpredict._settings import limit_threads, settings
 from stpredict._version import __version__
 from stpredict.models._base import DenseModel
 
 from ._blending import Predictor
 from ._dense_plan import MapLayout, plan_map
 from ._runners import run_distributed, run_local
+from ._work_identity import NO_WEIGHTS, identity, model_digest
 from ._zarr_writer import WorkStore, install_element, tmp_root
 
 if TYPE_CHECKING:
@@ -74,19 +75,35 @@ def predict_dense(
     is 0 outside the tissue mask (at the centres of map pixels) also inside tiles that reach the tissue; an
     intensive map keeps the model's values there, since a 0 would bias unit means at the tissue edge.
 
+    The slide's red, green and blue channels are found by their names (``r``/``g``/``b`` or
+    ``red``/``green``/``blue``, any case and order); unnamed (integer) channels are read as red, green, blue in
+    that order, and other names are refused. A uint8 image is read as it is; a float image with values in [0, 1]
+    is multiplied by 255, one in [0, 255] taken as is, and both rounded to uint8, so they give the map of the
+    uint8 image they encode (the range is read from the coarsest pyramid level; an image whose values exceed
+    255, or are negative, is refused).
+
     The map is computed one *unit* (a row of output chunks × a panel of chunk columns) at a time and each
     output chunk is written once, so memory does not grow with the slide. When ``sdata`` is backed by zarr, the
-    chunks go to ``<sdata.path>/.stpredict_tmp/<key>/`` with a record of finished units; an interrupted run
-    leaves nothing under the final key and a rerun with the same arguments resumes there and yields the same
-    map. On completion the multiscale element is written to a staging folder and moved into
-    ``images/<key>`` with one rename. A non-backed ``sdata`` keeps maps up to 256 MiB in memory and larger
-    ones in ``tmp_dir`` (default: a new temporary folder that the element reads from lazily, so it must stay
-    until the SpatialData is written elsewhere); with ``tmp_dir`` given, runs resume there too.
+    chunks go to ``<sdata.path>/.stpredict_tmp/<key>/`` with a record of what is computed and of finished units;
+    an interrupted run leaves nothing under the final key. A rerun that computes the same map (same model
+    weights, by a digest of the model's tensors, genes, normalisation, image, tiling, stride and dtype) resumes
+    there, skipping the finished units (logged), and yields a map bit-identical to an uninterrupted run's: each
+    unit also stores the sums it carries into the unit below, so every tile is predicted in the same batch as
+    without the interruption (a model's output can differ in its last bits with the batch a tile is in). This
+    holds when the run is resumed with the same ``batch_size``, ``device`` and ``client`` (or none). A rerun
+    that computes another map (say another model with the same genes) discards the unfinished one, with a
+    warning that names what differs, and starts again; so does a model that exposes no weights to check
+    (``model._checkpoint_state()``, ``model.module.state_dict()`` or ``model.state_dict()``). On completion the
+    multiscale element is written to a staging folder and moved into ``images/<key>`` with one rename. A non-backed
+    ``sdata`` keeps maps up to 256 MiB in memory and larger ones in ``tmp_dir`` (default: a new temporary folder
+    that the element reads from lazily, so it must stay until the SpatialData is written elsewhere); with
+    ``tmp_dir`` given, runs resume there too.
 
     Parameters
     ----------
     sdata
-        SpatialData with a calibrated RGB image (:func:`stpredict.pp.calibrate`).
+        SpatialData with a calibrated RGB image (:func:`stpredict.pp.calibrate`): uint8, or float in [0, 1] or
+        [0, 255].
     model
         Any :class:`stpredict.models.DenseModel`.
     image_key
@@ -139,10 +156,12 @@ def predict_dense(
         If the image's µm per pixel is unknown.
     InputError
         On genes the model lacks, a slide/model scale mismatch beyond ``max_rescale``, no tissue, a key that
-        exists without ``overwrite``, or invalid sizes.
+        exists without ``overwrite``, invalid sizes, channel names that do not say which is red, green and blue,
+        values that are not RGB, or a work folder (``tmp_dir/<key>``) that stpredict did not create.
     MemoryError
         If the GPU runs out of memory even with one tile per batch.
     """
+    limit_threads()
     key, gene_list = _check_arguments(
         sdata, model, image_key, key_added, genes, dtype, batch_size, inplace=inplace, overwrite=overwrite
     )
@@ -223,24 +242,8 @@ def _check_arguments(
     if key == image_key:
         msg = f"key_added must differ from image_key ({image_key!r})."
         raise InputError(msg)
-    existing = [g for g in ("images", "labels", "points", "shapes", "tables") if key in getattr(sdata, g)]
-    if inplace and existing and not overwrite:
-        msg = (
-            f"sdata.{existing[0]}[{key!r}] already exists; pass `overwrite=True` to replace it, or another `key_added`."
-        )
-        raise InputError(msg)
-    if (
-        inplace
-        and not existing
-        and not overwrite
-        and sdata.is_backed()
-        and (Path(sdata.path) / "images" / key).exists()
-    ):
-        msg = f"An image {key!r} exists in the zarr store {sdata.path}; pass `overwrite=True` to replace it."
-        raise InputError(msg)
-    if inplace and existing and existing[0] != "images":
-        msg = f"{key!r} is a {existing[0][:-1]} element; choose another `key_added`."
-        raise InputError(msg)
+    if inplace:
+        check_new_elements(sdata, {key: "images"}, overwrite=overwrite, on_disk=True)
     gene_list = list(model.var_names) if genes is None else list(genes)
     missing = [g for g in gene_list if g not in set(model.var_names)]
     if missing or not gene_list or len(set(gene_list)) != len(gene_list):
@@ -259,26 +262,6 @@ def _check_arguments(
     return key, gene_list
 
 
-def _fingerprint(layout: MapLayout, model: DenseModel, gene_list: list[str], dtype: str) -> dict:
-    """Everything that determines the map, JSON-serialisable: a work folder with another fingerprint is discarded."""
-    plan, tissue = layout.plan, layout.tissue
-    return {
-        "image": layout.image_key,
-        "image_shape": list(layout.image_shape),
-        "level": layout.level_index,
-        "ratio": list(plan.ratio),
-        "model": model.name,
-        "var_names": hashlib.sha1("\n".join(model.var_names).encode()).hexdigest(),
-        "genes": hashlib.sha1("\n".join(gene_list).encode()).hexdigest(),
-        "model_geometry": [model.um_per_px, plan.stride, plan.tile, model.context],
-        "grid": [plan.gy.n, plan.gy.context, plan.gy.ramp, plan.gy.chunk, plan.panel],
-        "shape": list(layout.shape),
-        "dtype": dtype,
-        "tiles": hashlib.sha1(np.packbits(plan.run).tobytes()).hexdigest(),
-        "tissue": None if tissue is None else hashlib.sha1(np.packbits(tissue.mask).tobytes()).hexdigest(),
-    }
-
-
 def _open_work_store(
     sdata: SpatialData,
     key: str,
@@ -290,12 +273,11 @@ def _open_work_store(
     backed: bool,
     tmp_dir: str | Path | None,
 ) -> WorkStore:
-    """The store the map is written to, resumed from an interrupted run of the same plan.
+    """The store the map is written to, resumed from an interrupted run of the same map.
 
     It lies in the SpatialData's zarr store when backed, else in ``tmp_dir``, else in memory when small, else in a
-    new temporary folder.
+    new temporary folder. The weights are hashed only for a store that can be resumed.
     """
-    fingerprint = _fingerprint(layout, model, gene_list, dtype)
     shape = layout.shape
     if backed:
         work_path: Path | None = tmp_root(Path(sdata.path)) / key
@@ -305,7 +287,10 @@ def _open_work_store(
         work_path = None
     else:
         work_path = Path(tempfile.mkdtemp(prefix=f"stpredict_{key}_"))
-    return WorkStore(work_path, shape, layout.chunks, dtype, fingerprint)
+    digest = None if work_path is None else model_digest(model)
+    fingerprint = identity(layout, model, gene_list, dtype, digest)
+    no_resume = None if digest is not None else NO_WEIGHTS.format(name=model.name)
+    return WorkStore(work_path, shape, layout.chunks, dtype, fingerprint, no_resume=no_resume)
 
 
 def _compute_units(
@@ -330,6 +315,11 @@ def _compute_units(
     mask_outside = tissue is not None and model.value_kind == "density"
     dev = settings.device if device == "auto" else device
     units = [u for u in plan.units() if u not in store.done]
+    if store.resumed:
+        logger.info(
+            "predict_dense %r: resuming the interrupted run in %s; %d of %d units are written and skipped.",
+            key, store.path, len(plan.units()) - len(units), len(plan.units()),
+        )  # fmt: skip
     progress = tqdm(
         total=len(plan.units()),
         initial=len(plan.units()) - len(units),
@@ -345,7 +335,7 @@ def _compute_units(
 
     write_seconds = [0.0]
 
-    def write(unit: tuple[int, int], block: np.ndarray | None) -> None:
+    def write(unit: tuple[int, int], block: np.ndarray | None, carry: tuple[np.ndarray, np.ndarray] | None) -> None:
         t0 = time.perf_counter()
         if block is not None:
             y0, y1 = gy.chunk_bounds(unit[0])
@@ -353,7 +343,7 @@ def _compute_units(
             if mask_outside:  # no expression off the tissue, also inside tiles that reach it
                 block = block * tissue.at_map_pixels(y0, y0 + block.shape[1], x0, x0 + block.shape[2], f)[None]
             store.array[:, y0:y1, x0:x1] = block.astype(dtype, copy=False)
-        store.mark_done(unit)
+        store.mark_done(unit, carry)
         progress.update(1)
         write_seconds[0] += time.perf_counter() - t0
 
@@ -361,7 +351,7 @@ def _compute_units(
     try:
         if client is None:
             predictor = Predictor(model, batch_size, dev)
-            read_seconds = run_local(plan, layout.level.data, predictor, units, write)
+            read_seconds = run_local(plan, layout.level.data, predictor, units, write, store.carry_into)
             logger.info(
                 "predict_dense %r: %.1f s; model %.1f s (%d calls), blending %.1f s, reading %.1f s (prefetched), "
                 "writing %.1f s (in the background).",
@@ -437,7 +427,7 @@ def _add_element(
         sdata.write_attrs()
         store.remove()
     else:
-        sdata.images[key] = element
+        add_elements(sdata, {key: ("images", element)})
         set_element_meta(sdata, key, element, meta)
     (_, height, width), f = layout.shape, layout.image_px_per_map_px
     logger.info(

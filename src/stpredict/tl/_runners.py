@@ -20,7 +20,7 @@ from ._blending import Predictor, blend_unit, prepare_unit
 from ._slide_reader import SlideReader
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from stpredict.models._base import DenseModel
 
@@ -30,6 +30,9 @@ __all__ = ["run_distributed", "run_local"]
 
 logger = get_logger(__name__)
 
+#: The sums (weighted predictions, weights) a unit carries into the unit below it.
+Carry = tuple[np.ndarray, np.ndarray]
+
 
 def _acc_shape(plan: DensePlan, unit: tuple[int, int]) -> tuple[int, int, int]:
     y0, y1 = plan.gy.chunk_bounds(unit[0])
@@ -37,28 +40,43 @@ def _acc_shape(plan: DensePlan, unit: tuple[int, int]) -> tuple[int, int, int]:
     return len(plan.channels), min(y1 + plan.gy.ramp, plan.gy.size) - y0, x1 - x0
 
 
-def run_local(plan: DensePlan, array: Any, predictor: Predictor, units: list[tuple[int, int]], write: Any) -> float:
+def run_local(
+    plan: DensePlan,
+    array: Any,
+    predictor: Predictor,
+    units: list[tuple[int, int]],
+    write: Any,
+    carry_into: Callable[[tuple[int, int]], Carry | None] | None = None,
+) -> float:
     """Compute units in order, reading ahead and writing behind in background threads; return seconds reading.
 
     The next unit's slide region is read, and finished blocks are written, while the model runs. At most two
-    blocks wait for writing, so memory stays bounded.
+    blocks wait for writing, so memory stays bounded. ``write(unit, block, carry)`` gets each block and the sums
+    the unit carries into the unit below. A unit whose unit above is not computed just before it takes those sums
+    from ``carry_into(unit)`` (a resumed run: the interrupted run stored them), so that it predicts the same tiles
+    in the same batches as an uninterrupted run; only without them is the tile row above predicted again.
     """
     if not units:
         return 0.0
     position = {u: i for i, u in enumerate(units)}
 
-    def use_carry(i: int) -> bool:
+    def chained(i: int) -> bool:
         j, p = units[i]
         return position.get((j - 1, p), -2) == i - 1
+
+    stored = {i: c for i, u in enumerate(units) if not chained(i) and carry_into and (c := carry_into(u)) is not None}
+
+    def use_carry(i: int) -> bool:
+        return chained(i) or i in stored
 
     read_seconds = 0.0
     # the next unit of a panel reads from at most one tile (plus resampling support) above this one's last row
     reader = SlideReader(array, keep_rows=math.ceil(plan.tile * plan.ratio[0]) + 4)
-    carry: tuple[np.ndarray, np.ndarray] | None = None
+    carry: Carry | None = None
     free: dict[tuple[int, ...], list] = {}  # accumulator buffers by shape, reused once their block is written
     with ThreadPoolExecutor(1) as read_ahead, ThreadPoolExecutor(1) as writer:
         pending: deque = deque()
-        nxt = read_ahead.submit(prepare_unit, plan, reader, units[0], False)
+        nxt = read_ahead.submit(prepare_unit, plan, reader, units[0], use_carry(0))
         try:
             for i, unit in enumerate(units):
                 inp = nxt.result()
@@ -73,8 +91,9 @@ def run_local(plan: DensePlan, array: Any, predictor: Predictor, units: list[tup
                     if free.get(shape)
                     else (np.empty(shape, np.float32), np.empty(shape[1:], np.float32))
                 )
-                block, carry, touched = blend_unit(plan, predictor, inp, carry, buffers)
-                pending.append((writer.submit(write, unit, block if touched else None), shape, buffers))
+                carry_in = carry if chained(i) else stored.pop(i, None)
+                block, carry, touched = blend_unit(plan, predictor, inp, carry_in, buffers)
+                pending.append((writer.submit(write, unit, block if touched else None, carry), shape, buffers))
                 while len(pending) > 1:
                     future, done_shape, done_buffers = pending.popleft()
                     future.result()
@@ -125,7 +144,7 @@ def run_distributed(
         futures.add(client.submit(_remote_unit, plan_f, array_f, model_f, batch_size, device, unit, pure=False))
     for future in futures:
         unit, block, _ = future.result()
-        write(unit, block)
+        write(unit, block, None)
         del future
         for nxt in _take(pending, 1):
             futures.add(client.submit(_remote_unit, plan_f, array_f, model_f, batch_size, device, nxt, pure=False))
