@@ -7,13 +7,13 @@ section (H&E, ground truth, predicted map, tables at every bin size), a PNG figu
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stpredict._logging import get_logger
+from stpredict._outputs import output_folder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -101,30 +101,38 @@ def run_demo(
     Parameters
     ----------
     out_dir
-        Folder for ``demo.zarr``, ``demo.png``, ``metrics.csv``, ``summary.json`` and the model checkpoint.
+        Folder for ``demo.zarr``, ``demo.png``, ``metrics.csv``, ``summary.json`` and the model checkpoint; it is
+        created, or used when empty, and marked with a ``.stpredict-output`` file. A folder holding anything the
+        demo did not write is refused before any work starts, and nothing in it is touched.
     config
         Sizes and budget; :class:`DemoConfig` defaults when ``None``.
     overwrite
-        Replace an existing ``out_dir``.
+        Replace an earlier demo output in ``out_dir`` (recognised by its marker); the new output is moved into
+        place only once complete, so a failed run leaves the earlier one as it was.
     show_progress_bar
         Progress bars for training and prediction; ``settings.show_progress_bar`` when ``None``.
 
     Returns
     -------
     Tidy metrics table: one row per (evaluation, bin size, metric).
+
+    Raises
+    ------
+    stpredict._outputs.OutputFolderError
+        ``out_dir`` holds something the demo did not write, or an earlier output without ``overwrite``.
     """
+    config = config or DemoConfig()
+    with output_folder(out_dir, written_by="stpredict demo", overwrite=overwrite, option="`out_dir`") as out:
+        metrics = _run(out, config, show_progress_bar=show_progress_bar)
+    return metrics
+
+
+def _run(out: Path, config: DemoConfig, *, show_progress_bar: bool | None) -> pd.DataFrame:
+    """The demo's work, writing its outputs into the folder ``out``."""
     import pandas as pd
 
     import stpredict as st
 
-    config = config or DemoConfig()
-    out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            msg = f"{out} exists; pass overwrite=True or choose another folder."
-            raise FileExistsError(msg)
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     timings: dict[str, float] = {}
 
     def tick(step: str, start: float) -> float:
