@@ -145,3 +145,16 @@ def test_bad_scale_and_image(rng, tmp_path):
     path.write_bytes(path.read_bytes()[:-4000])
     with pytest.raises(InputError, match="truncated"):
         from_image_and_table(path, adata, x_key="col", y_key="row", um_per_px=1.0)
+
+
+def test_image_path_that_is_a_folder_or_missing(rng, tmp_path):
+    adata = _toy(rng)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "he.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError) as info:
+        from_image_and_table(tmp_path, adata, x_key="col", y_key="row", um_per_px=1.0)
+    assert str(info.value) == (
+        f"{str(tmp_path)!r} is a folder, not an image file. Pass the H&E image file inside it (images: ['he.png'])."
+    )
+    with pytest.raises(InputError, match="Image file '.*nope.png' does not exist. Pass the path of the H&E image."):
+        from_image_and_table(tmp_path / "nope.png", adata, x_key="col", y_key="row", um_per_px=1.0)

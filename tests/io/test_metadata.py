@@ -118,3 +118,10 @@ def test_unknown_key_and_nothing_recorded():
     assert infer_um_per_px(sdata, "he") is None
     with pytest.raises(KeyError, match="available elements"):
         infer_um_per_px(sdata, "nope")
+
+
+def test_a_path_instead_of_a_spatialdata_names_the_reader(tmp_path):
+    with pytest.raises(TypeError, match=r"infer_um_per_px takes a SpatialData, got PosixPath .*st\.io\.read_visium"):
+        infer_um_per_px(tmp_path, "he")
+    with pytest.raises(KeyError, match="No element 'he' in the SpatialData; available elements: \\[\\]"):
+        infer_um_per_px(SpatialData(), "he")

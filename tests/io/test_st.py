@@ -385,13 +385,31 @@ def test_bad_gene_names(tmp_path, genes, match):
 
 
 @pytest.mark.parametrize(
-    ("name", "match"), [("image.png", "No image"), ("spots.tsv", "No spot table"), ("counts.tsv.gz", "No counts table")]
+    ("name", "listed"),
+    [
+        ("image.png", "image (image.png or image.jpg or image.jpeg or image.tif or image.tiff)"),
+        ("spots.tsv", "spot table (spots.tsv)"),
+        ("counts.tsv.gz", "counts table (counts.tsv.gz or counts.tsv)"),
+    ],
 )
-def test_missing_files(tmp_path, name, match):
+def test_missing_files(tmp_path, name, listed):
     folder = _write_section(tmp_path / "S1")
     (folder / name).unlink()
-    with pytest.raises(InputError, match=match):
+    with pytest.raises(InputError, match=r"lacks: ([^;]*)\. Found") as info:
         read_st(folder)
+    assert info.value.args[0].split("lacks: ")[1].split(". Found")[0] == listed
+
+
+def test_empty_folder_lists_every_missing_file(tmp_path):
+    (tmp_path / "S1").mkdir()
+    with pytest.raises(InputError) as info:
+        read_st(tmp_path / "S1")
+    message = info.value.args[0]
+    assert (
+        "lacks: image (image.png or image.jpg or image.jpeg or image.tif or image.tiff); spot table (spots.tsv); "
+        "counts table (counts.tsv.gz or counts.tsv). Found []." in message
+    )
+    assert "`image_file=`" in message
 
 
 def test_missing_folder(tmp_path):

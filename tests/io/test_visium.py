@@ -62,7 +62,9 @@ def test_visium_options(visium_dir):
     sdata = _read(visium_dir, um_per_px=10.0, image_key="img", shapes_key="visium_spots", table_key="counts")
     assert um_per_px(sdata, "img") == 10.0
     assert sdata.tables["counts"].uns["spatialdata_attrs"]["region"] == "visium_spots"
-    with pytest.raises(InputError, match="image found"):
+    with pytest.raises(
+        InputError, match="spatial/tissue_hires_image.png: the image that image_resolution='hires' asks"
+    ):
         _read(visium_dir, image_resolution="hires")
 
 

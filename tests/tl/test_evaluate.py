@@ -190,6 +190,61 @@ def test_errors_leave_inputs_unchanged(pair):
         st.tl.evaluate(bad, truth)
 
 
+def _sdata(**tables):
+    """A SpatialData holding ``tables``, all annotating 144 circles ``"bins"``."""
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+
+    bins = ShapesModel.parse(np.zeros((144, 2)), geometry=0, radius=np.ones(144), index=np.arange(144))
+    parsed = {k: TableModel.parse(t) for k, t in tables.items()}  # _table wrote the annotation
+    return SpatialData(shapes={"bins": bins}, tables=parsed)
+
+
+def test_evaluate_takes_table_keys_of_a_spatialdata(pair):
+    y, y_hat, rows, cols = pair
+    sdata = _sdata(pred=_table(y_hat, rows=rows, cols=cols), truth=_table(y, rows=rows, cols=cols))
+    expected = st.tl.evaluate(sdata.tables["pred"].copy(), sdata.tables["truth"], inplace=False)
+    res = st.tl.evaluate("pred", "truth", sdata=sdata)
+    pd.testing.assert_series_equal(res.summary, expected.summary)
+    # inplace writes into the table the key names, as with the AnnData itself
+    np.testing.assert_array_equal(sdata.tables["pred"].var["pcc"].to_numpy(), res.per_gene["pcc"].to_numpy())
+    assert sdata.tables["pred"].uns["stpredict"]["evaluate"]["evaluate"]["params"]["n_units"] == 144
+    mixed = st.tl.evaluate(_table(y_hat, rows=rows, cols=cols), "truth", sdata=sdata, inplace=False)
+    pd.testing.assert_series_equal(mixed.summary, expected.summary)
+
+
+def test_evaluate_unknown_table_key_lists_the_tables(pair):
+    y, y_hat, _, _ = pair
+    sdata = _sdata(pred=_table(y_hat), truth=_table(y))
+    with pytest.raises(KeyError) as info:
+        st.tl.evaluate("pred", "nope", sdata=sdata)
+    assert info.value.args[0] == (
+        "No table 'nope' in the SpatialData; available tables: ['pred', 'truth']. Pass one of them as `truth`."
+    )
+    with pytest.raises(KeyError, match="No table 'he_pixnet' in the SpatialData; .* as `pred`"):
+        st.tl.evaluate("he_pixnet", sdata.tables["truth"], sdata=sdata)
+    assert "pcc" not in sdata.tables["pred"].var
+
+
+def test_evaluate_table_key_without_sdata_names_it(pair):
+    y, y_hat, _, _ = pair
+    sdata = _sdata(pred=_table(y_hat), truth=_table(y))
+    with pytest.raises(InputError) as info:
+        st.tl.evaluate("pred", "truth")
+    assert info.value.args[0] == (
+        "`pred` is the table key 'pred', but no SpatialData was given to look it up in. Pass it as `sdata=`: "
+        "st.tl.evaluate('pred', 'truth', sdata=sdata)."
+    )
+    with pytest.raises(InputError) as info:
+        st.tl.evaluate(sdata, "truth")
+    assert info.value.args[0] == (
+        "`pred` is a SpatialData; pass the key of its table as `pred` and the SpatialData as `sdata=`: "
+        "st.tl.evaluate('pred', 'truth', sdata=sdata)."
+    )
+    with pytest.raises(InputError, match="`truth` must be an AnnData or a table key, got ndarray"):
+        st.tl.evaluate(sdata.tables["pred"], y)
+
+
 def test_region_is_matched_when_tables_hold_several(pair):
     y, y_hat, _, _ = pair
     truth = ad.concat([_table(y[:72], region="a"), _table(y[72:], region="b")], index_unique="-")
@@ -351,6 +406,11 @@ def test_evaluate_across_scales_with_measured_tables(monkeypatch, rng):
         st.tl.evaluate_across_scales(sdata, "nope", truth=measured)
     with pytest.raises(InputError, match="sets 'match'"):
         st.tl.evaluate_across_scales(sdata, "m", truth=measured, match="position")
+    with pytest.raises(KeyError) as info:  # the same lookup as st.tl.evaluate's
+        st.tl.evaluate_across_scales(sdata, "m", truth={16: "nope"})
+    assert info.value.args[0] == (
+        "No table 'nope' in the SpatialData; available tables: ['t16']. Pass one of them as `truth[16]`."
+    )
 
 
 # ---------------------------------------------------------------- real data (her2st A1, 346 spots)

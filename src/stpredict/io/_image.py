@@ -36,6 +36,7 @@ _PIL_LOCK = threading.Lock()
 COARSEST_LEVEL_PX = 1024
 _JPEG_SUFFIXES = {".jpg", ".jpeg"}
 _JPEG_EOI = b"\xff\xd9"
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".btf", ".bmp", ".webp"}
 
 
 @contextmanager
@@ -62,6 +63,18 @@ def _unreadable(path: Path, reason: object) -> InputError:
     return InputError(msg)
 
 
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        images = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        msg = f"{str(path)!r} is a folder, not an image file. Pass the H&E image file inside it (images: {images})."
+    else:
+        msg = f"Image file {str(path)!r} does not exist. Pass the path of the H&E image."
+    raise InputError(msg)
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(height, width)`` of an image file from its header, without decoding the pixels.
 
@@ -70,10 +83,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     InputError
         If the file is missing or not an image.
     """
-    path = Path(path)
-    if not path.is_file():
-        msg = f"Image file {str(path)!r} does not exist. Pass the path of the H&E image."
-        raise InputError(msg)
+    path = _existing_file(path)
     with _pil_reading_whole_slides() as image_module:
         try:
             with image_module.open(path) as image:
@@ -102,10 +112,7 @@ def decode_image(path: str | Path) -> np.ndarray:
     """
     import imagecodecs
 
-    path = Path(path)
-    if not path.is_file():
-        msg = f"Image file {str(path)!r} does not exist. Pass the path of the H&E image."
-        raise InputError(msg)
+    path = _existing_file(path)
     suffix = path.suffix.lower()
     data = path.read_bytes()
     array: np.ndarray | None = None

@@ -90,7 +90,17 @@ def infer_um_per_px(sdata: SpatialData, image_key: str) -> float | None:
     ------
     KeyError
         If ``image_key`` is not an element of ``sdata``.
+    TypeError
+        If ``sdata`` is not a SpatialData (e.g. a path: read it first).
     """
+    from spatialdata import SpatialData
+
+    if not isinstance(sdata, SpatialData):
+        msg = (
+            f"infer_um_per_px takes a SpatialData, got {type(sdata).__name__} {sdata!r:.80}. Read the data first, "
+            "e.g. `sdata = st.io.read_visium(path)`, then call `st.io.infer_um_per_px(sdata, image_key)`."
+        )
+        raise TypeError(msg)
     image = get_element(sdata, image_key)
     sources: tuple[tuple[str, Callable[[SpatialData, str, Any], float | None]], ...] = (
         ("element attributes", _from_attrs),

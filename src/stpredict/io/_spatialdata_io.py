@@ -22,6 +22,7 @@ from stpredict._meta import set_element_meta
 
 from ._build import check_positive
 from ._metadata import infer_um_per_px
+from ._tenx_layout import check_visium_hd_layout, check_visium_layout, check_xenium_layout, reader_options
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -75,10 +76,24 @@ def read_visium(
     SpatialData with ``images[image_key]``, ``shapes[shapes_key]`` (circles in full-resolution pixels, index =
     ``spot_id``), ``tables[table_key]`` (counts; ``region_key="region"``, ``instance_key="spot_id"``,
     ``obsm["spatial"]`` in full-resolution pixels), all calibrated in the ``"um"`` coordinate system.
+
+    Raises
+    ------
+    InputError
+        Before anything is read, if the folder is not a complete Space Ranger output for the options given: one
+        message lists every missing or unreadable file (counts, ``spatial/scalefactors_json.json`` and its keys,
+        ``spatial/tissue_positions.csv`` or Space Ranger 1.x's ``tissue_positions_list.csv``, an H&E image).
     """
     import spatialdata_io
 
     folder = Path(path)
+    _check_image_resolution(image_resolution)
+    check_visium_layout(
+        folder,
+        options=reader_options(spatialdata_io.visium, kwargs),
+        image_file=image_file,
+        image_resolution=image_resolution,
+    )
     if dataset_id is None and (folder / kwargs.get("counts_file", _COUNTS_FILE)).is_file():
         dataset_id = folder.name
     if image_file is not None:
@@ -119,19 +134,43 @@ def read_visium_hd(
     image_resolution
         ``"full"``, ``"hires"``, ``"lowres"`` or ``"auto"`` (the finest present) becomes ``images[image_key]``.
     image_file
-        The full-resolution H&E given to Space Ranger (relative to ``path`` or absolute).
+        The full-resolution H&E given to Space Ranger (relative to ``path`` or absolute; by default spatialdata-io
+        looks in ``microscope_image/``).
     um_per_px
         Override the pixel size.
     image_key
         Name of the chosen H&E image.
     kwargs
         Passed to :func:`spatialdata_io.visium_hd` (e.g. ``bin_size=8``).
+
+    Returns
+    -------
+    SpatialData with ``images[image_key]`` calibrated in the ``"um"`` coordinate system, and spatialdata-io's bins
+    and tables.
+
+    Raises
+    ------
+    InputError
+        Before anything is read, if the folder is not a complete Space Ranger Visium HD output for the options given:
+        one message lists every missing or unreadable piece (``feature_slice.h5``, the scale factors and their keys,
+        each ``binned_outputs/square_NNNum/`` with its counts, ``spatial/tissue_positions.parquet`` and
+        ``spatial/scalefactors_json.json``, an H&E image).
     """
     import spatialdata_io
 
+    folder = Path(path)
+    _check_image_resolution(image_resolution)
     if image_file is not None:
+        image_file = folder / image_file  # spatialdata-io takes it relative to the working directory
         kwargs["fullres_image_file"] = image_file
-    sdata = spatialdata_io.visium_hd(path, dataset_id=dataset_id, **kwargs)
+    check_visium_hd_layout(
+        folder,
+        options=reader_options(spatialdata_io.visium_hd, kwargs),
+        dataset_id=dataset_id,
+        image_file=image_file,
+        image_resolution=image_resolution,
+    )
+    sdata = spatialdata_io.visium_hd(folder, dataset_id=dataset_id, **kwargs)
     prefix = dataset_id or _common_prefix([k for k in sdata.images if k.endswith(tuple(_VISIUM_SUFFIXES.values()))])
     chosen = _choose_visium_image(sdata, prefix, image_resolution)
     _counts_as_float32(sdata)
@@ -166,9 +205,23 @@ def read_xenium(
         Name of the H&E image in the result.
     kwargs
         Passed to :func:`spatialdata_io.xenium` (e.g. ``cells_as_circles=True``, ``transcripts=True``).
+
+    Returns
+    -------
+    SpatialData with ``images[image_key]`` calibrated in the ``"um"`` coordinate system, and spatialdata-io's cells,
+    transcripts and table.
+
+    Raises
+    ------
+    InputError
+        Before anything is read, if a file that spatialdata-io reads for the options given is missing or unreadable
+        (one message lists them all), or the H&E or its alignment CSV is not in the folder.
     """
     import spatialdata_io
 
+    check_xenium_layout(
+        Path(path), options=reader_options(spatialdata_io.xenium, kwargs), source_image_key=source_image_key
+    )
     sdata = spatialdata_io.xenium(path, **kwargs)
     if source_image_key not in sdata.images:
         msg = (
@@ -257,11 +310,15 @@ def _counts_as_float32(sdata: SpatialData) -> None:
         table.X = sparse.csr_matrix(table.X, dtype=np.float32)
 
 
-def _choose_visium_image(sdata: SpatialData, prefix: str | None, choice: ImageChoice) -> str:
-    order = ("full", "hires", "lowres") if choice == "auto" else (choice,)
+def _check_image_resolution(choice: str) -> None:
     if choice not in ("auto", *_VISIUM_SUFFIXES):
         msg = f"image_resolution must be 'auto', 'full', 'hires' or 'lowres', got {choice!r}."
         raise InputError(msg)
+
+
+def _choose_visium_image(sdata: SpatialData, prefix: str | None, choice: ImageChoice) -> str:
+    order = ("full", "hires", "lowres") if choice == "auto" else (choice,)
+    _check_image_resolution(choice)
     for option in order:
         name = f"{prefix or ''}{_VISIUM_SUFFIXES[option]}"
         if name in sdata.images:

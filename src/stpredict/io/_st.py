@@ -136,9 +136,12 @@ def read_st(
     meta = _read_meta(folder)
     section = str(section) if section is not None else folder.name
     patient = _patient(section, patient, meta)
-    image_path = Path(image_file) if image_file is not None else _find(folder, IMAGE_NAMES, "image")
-    spots_path = _find(folder, (SPOTS_NAME,), "spot table")
-    counts_path = _find(folder, COUNTS_NAMES, "counts table")
+    wanted = {"spot table": (SPOTS_NAME,), "counts table": COUNTS_NAMES}
+    if image_file is None:
+        wanted = {"image": IMAGE_NAMES, **wanted}
+    found = _find(folder, wanted)
+    image_path = Path(image_file) if image_file is not None else found["image"]
+    spots_path, counts_path = found["spot table"], found["counts table"]
     um_per_px = _resolve_scale(um_per_px, meta, folder)
     spot_diameter_um = _resolve_diameter(spot_diameter_um, meta, folder)
 
@@ -267,17 +270,25 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def _find(folder: Path, names: Sequence[str], what: str) -> Path:
-    for name in names:
-        candidate = folder / name
-        if candidate.is_file():
-            return candidate
-    present = sorted(p.name for p in folder.iterdir())
-    msg = (
-        f"No {what} in {str(folder)!r}: expected one of {list(names)}, found {present}. "
-        "Add or rename the file (or pass `image_file=` for the image)."
-    )
-    raise InputError(msg)
+def _find(folder: Path, wanted: Mapping[str, Sequence[str]]) -> dict[str, Path]:
+    """The first existing file of each ``{what: candidate names}``; one error lists every one that is missing."""
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for what, names in wanted.items():
+        path = next((folder / name for name in names if (folder / name).is_file()), None)
+        if path is None:
+            missing.append(f"{what} ({' or '.join(names)})")
+        else:
+            found[what] = path
+    if missing:
+        present = sorted(p.name for p in folder.iterdir())
+        fix = " (or pass `image_file=` for the image)" if "image" in wanted and "image" not in found else ""
+        msg = (
+            f"The ST section folder {str(folder)!r} lacks: {'; '.join(missing)}. Found {present}. Add or rename the "
+            f"files{fix}."
+        )
+        raise InputError(msg)
+    return found
 
 
 def _patient(section: str, patient: str | None, meta: Mapping[str, Any]) -> str | None:

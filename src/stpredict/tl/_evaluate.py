@@ -12,7 +12,18 @@ from stpredict._errors import InputError
 from stpredict._keys import Attrs
 from stpredict._logging import get_logger
 
-from ._matching import _COL, _MATCHES, _ROW, Match, dense_rows, match_units, resolve_genes, resolve_match, table_matrix
+from ._matching import (
+    _COL,
+    _MATCHES,
+    _ROW,
+    Match,
+    dense_rows,
+    get_table,
+    match_units,
+    resolve_genes,
+    resolve_match,
+    table_matrix,
+)
 from ._metrics import (
     NAN_POLICIES,
     genewise_pcc,
@@ -30,6 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from anndata import AnnData
+    from spatialdata import SpatialData
 
 __all__ = ["METRIC_LABELS", "EvaluationResult", "evaluate", "highly_predictive_genes"]
 
@@ -168,9 +180,10 @@ def _describe_normalize(normalize: Any) -> str | None:
 
 
 def evaluate(
-    pred: AnnData,
-    truth: AnnData,
+    pred: AnnData | str,
+    truth: AnnData | str,
     *,
+    sdata: SpatialData | None = None,
     genes: Sequence[str] | None = None,
     match: Match = "auto",
     pred_layer: str | None = None,
@@ -202,12 +215,19 @@ def evaluate(
     Metrics are only comparable under the same normalisation; both sides should be in the normalised space
     the metric is reported in (pass ``normalize`` to normalise both here, or normalise before).
 
+    Both tables may be given as AnnData or, like squidpy's ``table_key``, as keys of ``sdata.tables``:
+    ``st.tl.evaluate("he_pixnet_spots", "table", sdata=sdata)`` scores the aggregated prediction against the
+    measured table of the same SpatialData (and, with ``inplace=True``, records the result in
+    ``sdata.tables["he_pixnet_spots"]``).
+
     Parameters
     ----------
     pred
-        Predicted table (e.g. from :func:`stpredict.tl.aggregate`).
+        Predicted table (e.g. from :func:`stpredict.tl.aggregate`), or its key in ``sdata.tables``.
     truth
-        Measured or ground-truth table.
+        Measured or ground-truth table, or its key in ``sdata.tables``.
+    sdata
+        The SpatialData whose tables ``pred`` and ``truth`` name when they are given as keys.
     genes
         Genes to score; default: all genes present in both tables, in ``pred``'s order.
     match
@@ -247,9 +267,16 @@ def evaluate(
 
     Raises
     ------
+    KeyError
+        If ``pred`` or ``truth`` is a key that ``sdata`` lacks (the message lists its tables), or a layer is missing.
     InputError
-        If no unit or no gene is shared, unit keys are duplicated, or arguments are invalid.
+        If no unit or no gene is shared, unit keys are duplicated, a table key comes without ``sdata``, or arguments
+        are invalid.
     """
+    call = f"st.tl.evaluate({pred if isinstance(pred, str) else 'pred'!r}, "
+    call += f"{truth if isinstance(truth, str) else 'truth'!r}, sdata=sdata)"
+    pred = get_table(pred, sdata, name="pred", call=call)
+    truth = get_table(truth, sdata, name="truth", call=call)
     if nan_policy not in NAN_POLICIES:
         msg = f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}."
         raise InputError(msg)

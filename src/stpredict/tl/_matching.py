@@ -1,4 +1,4 @@
-"""Pairing two tables for evaluation: which units match (by instance id, obs_names or grid position), which genes."""
+"""Pairing two tables for evaluation: the tables (given or by key), which units match, which genes."""
 
 from __future__ import annotations
 
@@ -14,12 +14,61 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from anndata import AnnData
+    from spatialdata import SpatialData
 
-__all__ = ["Match", "dense_rows", "match_units", "resolve_genes", "resolve_match", "table_matrix"]
+__all__ = ["Match", "dense_rows", "get_table", "match_units", "resolve_genes", "resolve_match", "table_matrix"]
 
 _ROW, _COL = "array_row", "array_col"
 Match = Literal["auto", "instance_id", "obs_names", "position"]
 _MATCHES = ("auto", "instance_id", "obs_names", "position")
+
+
+def get_table(value: AnnData | str, sdata: SpatialData | None, *, name: str, call: str | None = None) -> AnnData:
+    """The table ``value`` names: an AnnData as given, or a key of ``sdata.tables``.
+
+    Parameters
+    ----------
+    value
+        An AnnData, or the key of a table of ``sdata``.
+    sdata
+        The SpatialData that holds the keyed tables (or None when only AnnData are given).
+    name
+        The parameter ``value`` was passed as, for the messages (``"pred"``, ``"truth[16.0]"``).
+    call
+        An example call with ``sdata=`` for the message when a key comes without a SpatialData.
+
+    Raises
+    ------
+    KeyError
+        If ``value`` is a key that ``sdata`` lacks; the message lists the tables it has.
+    InputError
+        If ``value`` is a key but no ``sdata`` is given, a SpatialData, or neither an AnnData nor a key.
+    """
+    from anndata import AnnData
+
+    example = f" {call}" if call else ""
+    if isinstance(value, AnnData):
+        return value
+    if isinstance(value, str):
+        if sdata is None:
+            msg = (
+                f"`{name}` is the table key {value!r}, but no SpatialData was given to look it up in. Pass it as "
+                f"`sdata=`:{example}."
+            )
+            raise InputError(msg)
+        if value not in sdata.tables:
+            msg = (
+                f"No table {value!r} in the SpatialData; available tables: {sorted(sdata.tables)}. Pass one of them "
+                f"as `{name}`."
+            )
+            raise KeyError(msg)
+        return sdata.tables[value]
+    if hasattr(value, "tables"):
+        msg = f"`{name}` is a SpatialData; pass the key of its table as `{name}` and the SpatialData as `sdata=`:"
+        msg += f"{example}."
+        raise InputError(msg)
+    msg = f"`{name}` must be an AnnData or a table key, got {type(value).__name__}."
+    raise InputError(msg)
 
 
 def table_matrix(adata: AnnData, layer: str | None, side: str) -> Any:

@@ -10,6 +10,7 @@ import pandas as pd
 from stpredict._errors import InputError
 
 from ._evaluate import evaluate
+from ._matching import get_table
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -20,15 +21,6 @@ if TYPE_CHECKING:
 __all__ = ["evaluate_across_scales"]
 
 _DEFAULT_BIN_SIZES = (8.0, 16.0, 55.0)
-
-
-def _table(sdata: SpatialData, value: str | AnnData) -> AnnData:
-    if isinstance(value, str):
-        if value not in sdata.tables:
-            msg = f"No table {value!r} in the SpatialData; available tables: {sorted(sdata.tables)}."
-            raise KeyError(msg)
-        return sdata.tables[value]
-    return value
 
 
 def _annotated_region(table: AnnData) -> str:
@@ -119,7 +111,7 @@ def evaluate_across_scales(
         if missing:
             msg = f"No measured table for bin sizes {missing} µm; `truth` has {sorted(by_size)}."
             raise InputError(msg)
-        tables = {b: _table(sdata, by_size[b]) for b in sizes}
+        tables = {b: get_table(by_size[b], sdata, name=f"truth[{b:g}]") for b in sizes}
     elif truth_map_key not in sdata.images:
         msg = f"No image {truth_map_key!r} in the SpatialData; available images: {sorted(sdata.images)}."
         raise KeyError(msg)
