@@ -457,8 +457,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    import stpredict as st
+
     if args.threads:
-        torch.set_num_threads(args.threads)
+        st.settings.n_jobs = args.threads  # sizes torch, numba and dask (each fit and predict_dense applies it)
     t0 = time.perf_counter()
     result = run_her2st(args) if her else run_synthetic(args)
     result["total_s"] = round(time.perf_counter() - t0, 2)

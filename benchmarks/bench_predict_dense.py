@@ -132,11 +132,10 @@ def _peak_rss_mb() -> float:
 
 
 def run_predict(args) -> dict:
-    import torch
 
     import stpredict as st
 
-    torch.set_num_threads(args.threads)
+    st.settings.n_jobs = args.threads  # predict_dense sizes torch, numba and dask from it
     sdata = make_sdata(args.size, args.slide_um)
     model = ConvModel(args.genes, args.model_um)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:

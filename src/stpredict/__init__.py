@@ -10,16 +10,20 @@ from typing import TYPE_CHECKING
 
 import lazy_loader
 
+# Eager and light: it sets the OpenMP wait policy before torch can be imported (see stpredict._settings).
+from ._settings import settings
 from ._version import __version__
 
 if TYPE_CHECKING:
     from . import datasets, io, models, pl, pp, tl
-    from ._settings import settings
 
-__getattr__, __dir__, _lazy_names = lazy_loader.attach(
+__getattr__, _, _lazy_names = lazy_loader.attach(
     __name__,
     submodules=["datasets", "io", "models", "pl", "pp", "tl"],
-    submod_attrs={"_settings": ["settings"]},
 )
-__all__ = [*_lazy_names, "__version__"]
+__all__ = [*_lazy_names, "settings", "__version__"]
 del _lazy_names
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from stpredict._errors import InputError
-from stpredict._settings import settings
+from stpredict._settings import limit_threads, settings
 from stpredict.models._data import UnitCropDataset, build_sections, collate_units
 from stpredict.models._device import resolve_device
 from stpredict.models._io import register_model
@@ -145,6 +145,7 @@ class EmbeddingRidge(_SlidingWindowModel):
         """
         from tqdm.auto import tqdm
 
+        limit_threads()
         show_progress_bar = settings.show_progress_bar if show_progress_bar is None else show_progress_bar
         table_keys = [table_key] if isinstance(table_key, str) else list(table_key)
         sections = build_sections(

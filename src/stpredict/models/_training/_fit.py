@@ -20,7 +20,7 @@ import numpy as np
 from stpredict._errors import InputError
 from stpredict._keys import Attrs
 from stpredict._logging import get_logger
-from stpredict._settings import settings
+from stpredict._settings import limit_threads, settings
 from stpredict.models._data import (
     CoverTileDataset,
     EpochSampler,
@@ -239,6 +239,7 @@ def fit(
     import lightning.pytorch as lp
     import torch
 
+    limit_threads()  # torch, numba and dask sized from the usable cores (or settings.n_jobs) before any work
     show_progress_bar = settings.show_progress_bar if show_progress_bar is None else show_progress_bar
     table_keys = [table_key] if isinstance(table_key, str) else list(table_key)
     if not table_keys:
