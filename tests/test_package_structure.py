@@ -22,12 +22,14 @@ MAX_LINES = 600
 
 #: Import layers, bottom first: a module may import from its own layer or below, never from above.
 LAYERS = {
+    "stpredict._elements": 0,
     "stpredict._errors": 0,
     "stpredict._geometry": 0,
     "stpredict._grid": 0,
     "stpredict._keys": 0,
     "stpredict._logging": 0,
     "stpredict._meta": 0,
+    "stpredict._outputs": 0,
     "stpredict._settings": 0,
     "stpredict._validation": 0,
     "stpredict._version": 0,
