@@ -1,4 +1,4 @@
-"""Models: PixNet, the baselines, and checkpoint loading. torch loads only when a model is used."""
+"""Models: PixNet, MagNet, the baselines, and checkpoint loading. torch loads only when a model is used."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from ._base import DenseModel
     from ._baselines import EmbeddingRidge, SpotCNN
     from ._io import load
+    from ._magnet import MagNet
     from ._pixnet import PixNet
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
@@ -18,6 +19,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "_base": ["DenseModel"],
         "_baselines": ["EmbeddingRidge", "SpotCNN"],
         "_io": ["load"],
+        "_magnet": ["MagNet"],
         "_pixnet": ["PixNet"],
     },
 )

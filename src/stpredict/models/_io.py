@@ -70,6 +70,7 @@ _BUILTIN_MODULES = {
     "PixNet": "stpredict.models._pixnet._model",
     "SpotCNN": "stpredict.models._baselines._spotcnn",
     "EmbeddingRidge": "stpredict.models._baselines._embedding_ridge",
+    "MagNet": "stpredict.models._magnet._model",
 }
 _REGISTRY: dict[str, type] = {}
 

@@ -33,6 +33,7 @@ __all__ = [
     "ENCODER_PRESETS",
     "EncoderPreset",
     "map_state_dict",
+    "pooled_backbone",
     "pretrained_state_dict",
     "resolve_encoder",
 ]
@@ -221,3 +222,31 @@ def pretrained_state_dict(
         )
         raise InputError(msg)
     return load_state_dict(path)
+
+
+def pooled_backbone(
+    encoder: str, pretrained: str | os.PathLike[str] | None, encoder_kwargs: dict[str, Any] | None = None
+) -> torch.nn.Module:
+    """A timm backbone returning pooled features (``num_classes=0``), with pretrained weights if asked.
+
+    Parameters
+    ----------
+    encoder
+        timm architecture or preset name (:func:`resolve_encoder`).
+    pretrained
+        Weights, as for :func:`pretrained_state_dict`; a classifier head in them is ignored.
+    encoder_kwargs
+        Extra keyword arguments for :func:`timm.create_model`.
+    """
+    import timm
+
+    arch, kwargs = resolve_encoder(encoder, encoder_kwargs)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    state = pretrained_state_dict(pretrained, encoder=encoder, arch=arch, kwargs=kwargs)
+    if state is not None:
+        target = model.state_dict()
+        source = {k: v for k, v in state.items() if not k.startswith(("classifier.", "head.", "fc."))}
+        mapped, how = map_state_dict(source, target)
+        model.load_state_dict(mapped)
+        logger.info("loaded pretrained weights for %s (matched by %s)", encoder, how)
+    return model

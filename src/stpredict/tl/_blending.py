@@ -40,14 +40,20 @@ class Predictor:
         self.seconds = 0.0  # in the model
         self.blend_seconds = 0.0
 
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+    def __call__(self, tiles: np.ndarray, origins: np.ndarray | None = None) -> np.ndarray:
+        """Predictions for ``tiles``; ``origins`` (model pixels, ``(n, 2)`` y, x) go to models that use them."""
         out = []
         start = 0
+        uses_origins = bool(getattr(self.model, "uses_tile_origins", False))
         while start < len(tiles):
             batch = tiles[start : start + self.batch_size]
             t0 = time.perf_counter()
             try:
-                pred = np.asarray(self.model.predict_tiles(batch, device=self.device))
+                if uses_origins:
+                    where = origins[start : start + len(batch)]
+                    pred = np.asarray(self.model.predict_tiles(batch, origins=where, device=self.device))
+                else:
+                    pred = np.asarray(self.model.predict_tiles(batch, device=self.device))
                 self.seconds += time.perf_counter() - t0
             except Exception as err:
                 if not _is_cuda_oom(err):
@@ -167,7 +173,8 @@ def blend_unit(
                 for ky, kx in chunk
             ]
         )
-        preds = predictor(inputs)
+        origins = np.array([(gy.origin(ky) * s, gx.origin(kx) * s) for ky, kx in chunk], dtype=np.int64)
+        preds = predictor(inputs, origins)
         if preds.ndim != 4 or preds.shape[2:] != (n, n) or preds.shape[0] != len(chunk):
             msg = (
                 f"The model returned an array of shape {preds.shape} for {len(chunk)} tiles of {t} px; "

@@ -196,7 +196,16 @@ def _tile_overlap(model: DenseModel, overlap_um: float | None) -> tuple[int, int
     s, t = model.output_stride, model.tile_size
     n = t // s
     context = math.ceil(model.context / s)
-    if overlap_um is None:
+    if getattr(model, "tiling", "blend") == "partition":
+        # each map pixel from the core of exactly one tile (no blending): the overlap is the two context bands
+        if overlap_um is not None and round(overlap_um / (model.um_per_px * s)) != 2 * context:
+            msg = (
+                f"{type(model).__name__} predicts each map pixel from one tile (tiling='partition'), so tiles overlap "
+                f"by exactly twice its context ({2 * model.context * model.um_per_px:g} µm); leave overlap_um=None."
+            )
+            raise InputError(msg)
+        overlap = 2 * context
+    elif overlap_um is None:
         overlap = 2 * context + max(1, n // 8)
     else:
         overlap = round(overlap_um / (model.um_per_px * s))

@@ -21,34 +21,17 @@ from stpredict._validation import check_gene_names
 from stpredict.models._device import resolve_device
 from stpredict.models._io import save_model
 from stpredict.models._training import normalize_tiles
-from stpredict.models._weights import map_state_dict, pretrained_state_dict, resolve_encoder
+from stpredict.models._weights import pooled_backbone as _backbone
 
 if TYPE_CHECKING:
     import os
     from collections.abc import Sequence
     from pathlib import Path
 
-    from torch import nn
 
 __all__ = ["_SlidingWindowModel", "_backbone"]
 
 logger = get_logger(__name__)
-
-
-def _backbone(encoder: str, pretrained: str | os.PathLike[str] | None) -> nn.Module:
-    """A timm backbone returning pooled features (``num_classes=0``), with pretrained weights if asked."""
-    import timm
-
-    arch, kwargs = resolve_encoder(encoder)
-    model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
-    state = pretrained_state_dict(pretrained, encoder=encoder, arch=arch, kwargs=kwargs)
-    if state is not None:
-        target = model.state_dict()
-        source = {k: v for k, v in state.items() if not k.startswith(("classifier.", "head.", "fc."))}
-        mapped, how = map_state_dict(source, target)
-        model.load_state_dict(mapped)
-        logger.info("loaded pretrained weights for %s (matched by %s)", encoder, how)
-    return model
 
 
 #: Map pixels a default baseline tile has beyond its two context bands (room for the ramp and the step).
