@@ -247,3 +247,13 @@ def test_geometry_that_does_not_fit_is_refused(genes):
 def test_context_encoder_with_a_fixed_input_size_is_refused(genes):
     with pytest.raises(InputError, match=r"takes 160 × 160 px inputs.*dynamic_img_size"):
         MagNet(genes, **{**TINY, "context_encoder": "test_vit"})
+
+
+def test_other_bin_size_at_prediction_needs_force(trained):
+    with pytest.raises(InputError, match="force=True"):
+        trained.with_bin_size(bin_um=16.0)
+    with pytest.warns(UserWarning, match="now predicts 16 µm bins"):
+        other = trained.with_bin_size(bin_um=16.0, force=True)
+    assert (other.bin_um, other.output_stride) == (16.0, 8)
+    for a, b in zip(other.module.state_dict().values(), trained.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

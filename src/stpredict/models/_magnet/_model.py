@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -97,8 +98,8 @@ class MagNet:
         the poly schedule. The default fixes them: the bin attends over the 3 × 3 tiles around it at both levels,
         stacked GATv2 blocks, a trained projection, a head per level, contiguous batches and AdamW.
     halo_um
-        Bins around a window (in training and in each predicted tile) that join the graph without a loss, so
-        edge bins have their neighbours. At most ``region_um - crop_um / 2 - 2 · spot_um``... see Notes.
+        Width of the ring of bins around a window (in training and in each predicted tile) that join the graph
+        without a loss, so that edge bins have their neighbours (see Notes for its limit).
     core_tiles
         Region tiles per side of the core of one predicted tile (a larger core amortises the margin).
     dropout
@@ -240,7 +241,13 @@ class MagNet:
         return self.region_px * self.um_per_px
 
     def n_parameters(self, *, trainable_only: bool = False) -> int:
-        """Number of parameters (``trainable_only``: those that train; the context encoder is frozen)."""
+        """Number of parameters of the network.
+
+        Parameters
+        ----------
+        trainable_only
+            Count only the parameters that train (the context encoder is frozen).
+        """
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad or not trainable_only)
 
     def __repr__(self) -> str:
@@ -281,6 +288,42 @@ class MagNet:
         from ._fit import fit_magnet
 
         return fit_magnet(self, data, **kwargs)
+
+    def with_bin_size(self, *, bin_um: float, force: bool = False) -> MagNet:
+        """A copy that predicts bins of another size (the same network on crops centred on the new bins).
+
+        The network was trained on bins of :attr:`bin_um`; its targets (expression of one bin) do not transfer to
+        another size, so this needs ``force=True`` and warns. To compare sizes, aggregate the map of the trained
+        size instead (:func:`stpredict.tl.aggregate` with any ``bin_size``).
+
+        Parameters
+        ----------
+        bin_um
+            The new bin side in µm (``region_um`` must be a multiple of it).
+        force
+            Acknowledge that the model was trained at another bin size.
+
+        Returns
+        -------
+        A new :class:`MagNet` with the same weights.
+        """
+        bin_um = _positive("bin_um", bin_um)
+        if bin_um == self.bin_um:
+            return self
+        if not force:
+            msg = (
+                f"This MagNet was trained on {self.bin_um:g} µm bins; predicting {bin_um:g} µm bins changes what "
+                "its outputs mean. Aggregate its map to other sizes with st.tl.aggregate(..., bin_size=...), train "
+                f"a MagNet(bin_um={bin_um:g}), or pass force=True."
+            )
+            raise InputError(msg)
+        warnings.warn(
+            f"MagNet trained on {self.bin_um:g} µm bins now predicts {bin_um:g} µm bins (force=True).", UserWarning,
+            stacklevel=2,
+        )  # fmt: skip
+        config, tensors = self._checkpoint_state()
+        config["params"] = {**config["params"], "bin_um": bin_um}
+        return type(self)._from_checkpoint_state(config, tensors)
 
     # ------------------------------------------------------------------ prediction
     def predict_tiles(
