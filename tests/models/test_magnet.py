@@ -179,11 +179,10 @@ def test_partition_tiling_refuses_another_overlap(sdata, trained):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def _prepare(model, sdata, **kwargs):
+def _prepare(model, sdata, table_key="table"):
     return prepare_sections(
-        model, sdata, image_key="he", table_key="table", shapes_key=None, target_layer=None, normalization=NORM,
-        **kwargs,
-    )  # fmt: skip
+        model, sdata, image_key="he", table_key=table_key, shapes_key=None, target_layer=None, normalization=NORM
+    )
 
 
 def _shifted(sdata, dx):
@@ -257,3 +256,16 @@ def test_other_bin_size_at_prediction_needs_force(trained):
     assert (other.bin_um, other.output_stride) == (16.0, 8)
     for a, b in zip(other.module.state_dict().values(), trained.module.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_trains_on_2um_bins_summed_with_bin_counts(genes):
+    hd = st.datasets.synthetic(
+        shape_um=(256, 256), um_per_px=2.0, n_genes=6, layout="visium_hd", bin_size_um=2, seed=1, min_tissue_fraction=0
+    )
+    st.pp.bin_counts(hd, "table", bin_size=8, key_added="bins_8um")
+    model = MagNet(list(hd.tables["table"].var_names[:4]), **TINY)
+    sections = _prepare(model, hd, table_key="bins_8um")
+    table = hd.tables["bins_8um"]
+    assert len(sections[0].rows) == table.n_obs
+    # every 8 µm bin holds the summed counts of its sixteen 2 µm bins
+    np.testing.assert_allclose(np.asarray(table.X.sum()), np.asarray(hd.tables["table"].X.sum()))
