@@ -269,3 +269,15 @@ def test_trains_on_2um_bins_summed_with_bin_counts(genes):
     assert len(sections[0].rows) == table.n_obs
     # every 8 µm bin holds the summed counts of its sixteen 2 µm bins
     np.testing.assert_allclose(np.asarray(table.X.sum()), np.asarray(hd.tables["table"].X.sum()))
+
+
+def test_windows_of_several_region_tiles(sdata, genes):
+    model = MagNet(genes, **TINY)
+    sections = _prepare(model, sdata)
+    ds = WindowDataset(
+        sections, model, n_batches=None, window_cells=2, halo_px=model.halo_px, batch_bins=64, shuffle_bins=False,
+        augment=False, seed=0,
+    )  # fmt: skip
+    starts = {tuple(c) for _, c in ds.windows}
+    assert starts == {tuple(c) for c in np.unique(sections[0].windows // 2, axis=0)}
+    assert ds[0]["crops"].shape[0] == (2 * 16 + 4) ** 2  # a 2 × 2 block of region tiles and its halo

@@ -346,7 +346,10 @@ class WindowDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        self.windows = [(k, tuple(c)) for k, bs in enumerate(sections) for c in bs.windows[:: max(1, window_cells)]]
+        # windows of window_cells × window_cells region tiles, on a grid of such blocks, that hold measured bins
+        self.windows = [
+            (k, tuple(c)) for k, bs in enumerate(sections) for c in np.unique(bs.windows // window_cells, axis=0)
+        ]
         if shuffle_bins:
             n_bins = sum(len(bs.rows) for bs in sections)
             if n_bins < batch_bins:
@@ -395,13 +398,14 @@ class WindowDataset(torch.utils.data.Dataset):
                 rng=rng if self.augment else None,
                 crops=crops,
             )
-        k, (cx, cy) = self.windows[
+        k, (bx, by) = self.windows[
             int(rng.integers(len(self.windows)))
             if rng is not None and self.n != len(self.windows)
             else i % len(self.windows)
         ]
         bs = self.sections[k]
         r, w = model.region_px, self.window_cells
+        cx, cy = bx * w, by * w
         core = (cx * r, cy * r, (cx + w) * r, (cy + w) * r)
         rows, cols, in_core = window_bins(core, bs.origin, bs.pitch, self.halo_px)
         allowed = (cx - 1, cy - 1, cx + w + 1, cy + w + 1)
