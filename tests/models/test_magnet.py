@@ -281,3 +281,12 @@ def test_windows_of_several_region_tiles(sdata, genes):
     starts = {tuple(c) for _, c in ds.windows}
     assert starts == {tuple(c) for c in np.unique(sections[0].windows // 2, axis=0)}
     assert ds[0]["crops"].shape[0] == (2 * 16 + 4) ** 2  # a 2 × 2 block of region tiles and its halo
+
+
+def test_target_layer_without_a_normalisation_record_is_refused(sdata, genes):
+    table = sdata.tables["table"]
+    table.layers["handmade"] = np.log1p(table.X.toarray() if hasattr(table.X, "toarray") else table.X)
+    model = MagNet(genes, **TINY)
+    with pytest.raises(InputError, match="no record of how it was normalised"):
+        model.fit(sdata, target_layer="handmade", max_epochs=1, show_progress_bar=False)
+    del table.layers["handmade"]

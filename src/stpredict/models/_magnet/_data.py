@@ -116,7 +116,12 @@ def _tile_labels(
     sums.var_names = table.var_names
     params = dict(norm)
     if params.get("method") not in ("log1p_cpm", "prop_log", "log10_minmax"):
-        params = {"method": "log1p_cpm", "target_sum": 1e4, "layer": None}
+        msg = (
+            f"The targets' layer {norm.get('layer')!r} has no record of how it was normalised, so the context tiles' "
+            "labels cannot be normalised the same way. Write it with `st.pp.normalize(table, method=..., "
+            "key_added=...)`, or leave target_layer=None (log1p CPM of the counts in X)."
+        )
+        raise InputError(msg)
     params["layer"], params["smooth"] = None, False
     values = _apply(sums, params)
     return values[:, table.var_names.get_indexer(list(genes))].astype(np.float32)
