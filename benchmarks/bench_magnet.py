@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import _build_models  # noqa: E402  (the shared model settings of the dense-model benchmark)
+from bench_models import _build_models  # the shared model settings of the dense-model benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("magnet", "magnet_faithful", "pixnet", "spotcnn", "embedding_ridge")
@@ -54,34 +54,46 @@ METRICS = ("mse", "mae", "pcc_f", "pcc_s", "pcc_m", "spot_pcc")
 PROTOCOL = ((8.0, (8.0, 16.0)), (16.0, (8.0, 55.0)))
 
 # ------------------------------------------------------------------------------------------------ budget
-#: CPU budget for a 2-core box (a `--seeds 2` run in about 20 minutes). These are NOT the paper's settings (MagNet:
-#: 0.25 µm/px, dim 1024, ResNet-50, tens of epochs over whole slides; PixNet: hundreds of tiles per epoch); they
-#: rank the models on small sections with a few epochs each.
+#: CPU budget for a 2-core box (a `--seeds 2` run in about 20 minutes with both cores free). These are NOT the
+#: paper's settings (MagNet: 0.25 µm/px, dim 1024, ResNet-50, tens of epochs over whole slides; PixNet: hundreds of
+#: tiles per epoch); they rank the models on small sections with a few epochs each.
 CPU_BUDGET: dict[str, Any] = {
-    "section_um": 512.0,  # train and test sections (4 × 4 MagNet region tiles)
-    "val_section_um": 384.0,  # validation section (3 × 3 region tiles; one PixNet tile)
+    "section_um": 384.0,  # train and test sections (3 × 3 MagNet region tiles)
+    "val_section_um": 384.0,  # validation section (one PixNet tile)
     "image_um_per_px": 1.0,  # synthetic H&E resolution
     "n_genes": 32,
     "mean_counts_per_um2": 1.0,  # ≈ 64 counts per 8 µm bin over the genes
     "tissue_seed": 7,
-    "magnet": {"um_per_px": 1.0, "dim": 64},  # crops 28 px, spot 56 px, region 128 px
-    "magnet_fit": {"max_epochs": 3, "batches_per_epoch": 8, "patience": 3},
+    "magnet": {"um_per_px": 1.0, "dim": 64, "depth": 2, "n_layers": 2, "num_heads": 4},  # crops 28 px
+    "magnet_fit": {"max_epochs": 2, "batches_per_epoch": 4, "patience": 2},
     "pixnet": {"um_per_px": 2.0, "tile_size": 192, "output_stride": 2, "decoder_channels": "32,64,128,192,256,320"},
-    "pixnet_fit": {"max_epochs": 3, "tiles_per_epoch": 16, "batch_size": 8, "lr": 2e-3, "patience": 3},
+    "pixnet_fit": {"max_epochs": 2, "tiles_per_epoch": 8, "batch_size": 4, "lr": 2e-3, "patience": 2},
     "crop": {"um_per_px": 1.0, "crop_um": 32.0},  # SpotCNN / EmbeddingRidge: a 32 µm crop around each bin
-    "spotcnn_fit": {"max_epochs": 3, "tiles_per_epoch": 256, "batch_size": 32, "lr": 2e-3, "patience": 3},
-    "ridge_fit": {"max_units": 20000, "n_components": 50},
+    "spotcnn_fit": {
+        "max_epochs": 2,
+        "tiles_per_epoch": 128,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "patience": 2,
+        "validation_tiles": 256,
+    },
+    "ridge_fit": {"max_units": 1500, "n_components": 32},
 }
-#: ``--quick``: a seconds-to-minutes smoke run of the whole pipeline.
+#: ``--quick``: a smoke run of the whole pipeline (about 10 minutes on one busy core).
 QUICK: dict[str, Any] = {
-    "section_um": 384.0,
-    "val_section_um": 384.0,
     "n_genes": 16,
     "magnet": {"um_per_px": 1.0, "dim": 32, "depth": 1, "n_layers": 1, "num_heads": 4},
     "magnet_fit": {"max_epochs": 1, "batches_per_epoch": 2, "patience": 1},
     "pixnet_fit": {"max_epochs": 1, "tiles_per_epoch": 4, "batch_size": 4, "lr": 2e-3, "patience": 1},
-    "spotcnn_fit": {"max_epochs": 1, "tiles_per_epoch": 32, "batch_size": 16, "lr": 2e-3, "patience": 1},
-    "ridge_fit": {"max_units": 2000, "n_components": 16},
+    "spotcnn_fit": {
+        "max_epochs": 1,
+        "tiles_per_epoch": 32,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "patience": 1,
+        "validation_tiles": 64,
+    },
+    "ridge_fit": {"max_units": 500, "n_components": 16},
 }
 
 
@@ -313,13 +325,13 @@ def _print_table(summary: list[dict], comparisons: list[dict], per_seed: list[di
                         cells = "".join(f"{_fmt(x[m], x[m + '_sd']):>15}" for m in METRICS)
                         lines.append(f"  {x['model']:<16}{cells}")
     if comparisons:
-        lines.append(f"\n{REFERENCE} vs others: Δ PCC@M (seed noise), verdict, Wilcoxon over genes (mean PCC over seeds)")
-        for c in comparisons:
-            lines.append(
-                f"  {c['train_um']:>4g}→{c['eval_um']:<4g} {c['reference']:<8} vs {c['other']:<16} "
-                f"Δ {c['delta_pcc_m']:+.3f} ({c['seed_noise']:.3f})  {c['verdict']:<22} "
-                f"genes {c['genes_magnet_higher']:>2}/{c['n_genes']}  p={c['wilcoxon_p']:.2g}"
-            )
+        lines.append(f"\n{REFERENCE} vs others: Δ PCC@M (seed noise), verdict, Wilcoxon over genes (mean PCC)")
+        lines.extend(
+            f"  {c['train_um']:>4g}→{c['eval_um']:<4g} {c['reference']:<8} vs {c['other']:<16} "
+            f"Δ {c['delta_pcc_m']:+.3f} ({c['seed_noise']:.3f})  {c['verdict']:<22} "
+            f"genes {c['genes_magnet_higher']:>2}/{c['n_genes']}  p={c['wilcoxon_p']:.2g}"
+            for c in comparisons
+        )
     lines.append("\nwall time per seed (s): fit / predict_dense")
     for tag in per_seed[0]["fits"]:
         fit = [s["fits"][tag]["fit_s"] for s in per_seed]
@@ -356,8 +368,11 @@ def main(argv: list[str] | None = None) -> None:
         st.settings.n_jobs = args.threads
     t0 = time.perf_counter()
     per_seed = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for s in range(seeds):
         per_seed.append(run_seed(cfg, models, s, args.seed))
+        partial = {"partial": True, "config": cfg, "per_seed": per_seed}  # kept if a later seed does not finish
+        args.out.write_text(json.dumps(partial, indent=2, default=str))
     summary, comparisons = _summarise(per_seed, models)
     print()
     table = _print_table(summary, comparisons, per_seed, models)
@@ -384,9 +399,13 @@ def main(argv: list[str] | None = None) -> None:
         "timings_s": {
             "total": total,
             "per_seed_data": [s["data_s"] for s in per_seed],
-            "fits": {tag: {"fit_s": [s["fits"][tag]["fit_s"] for s in per_seed],
-                           "predict_s": [s["fits"][tag]["predict_s"] for s in per_seed]}
-                     for tag in per_seed[0]["fits"]},
+            "fits": {
+                tag: {
+                    "fit_s": [s["fits"][tag]["fit_s"] for s in per_seed],
+                    "predict_s": [s["fits"][tag]["predict_s"] for s in per_seed],
+                }
+                for tag in per_seed[0]["fits"]
+            },
         },  # fmt: skip
         "table": table,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
