@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
+
 from stpredict._errors import InputError
 from stpredict._logging import get_logger
 from stpredict._version import __version__
@@ -455,3 +457,48 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         msg = f"{str(path)!r} holds no tensors."
         raise InputError(msg)
     return tensors
+
+
+def _jsonable(value: Any) -> Any:
+    """Numpy scalars/arrays and tuples → plain JSON types (lists, floats, ints), recursively."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def network_checkpoint_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checkpoint of a model with ``config``, ``var_names``, fit records and a torch ``module``.
+
+    Returns the JSON config (``params``, ``var_names``, ``normalization``, ``fit_history``, ``fit_params``) and the
+    module's state dict, as PixNet and MagNet save them.
+    """
+    config = {
+        "params": _jsonable(model.config),
+        "var_names": list(model.var_names),
+        "normalization": _jsonable(model.normalization),
+        "fit_history": _jsonable(model.fit_history),
+        "fit_params": _jsonable(model.fit_params),
+    }
+    return config, dict(model.module.state_dict())
+
+
+def restore_network(model: Any, config: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """Load ``tensors`` into ``model.module`` (strictly) and its fit records from ``config``; eval mode."""
+    name = type(model).__name__
+    try:
+        model.module.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        msg = f"The checkpoint's weights do not fit the {name} its config describes; the file is corrupt ({err})."
+        raise InputError(msg) from err
+    model.normalization = config.get("normalization")
+    model.fit_history = config.get("fit_history")
+    model.fit_params = config.get("fit_params")
+    model.module.eval()

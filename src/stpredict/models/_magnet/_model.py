@@ -15,8 +15,7 @@ from stpredict._errors import InputError
 from stpredict._logging import get_logger
 from stpredict._validation import check_gene_names
 from stpredict.models._device import resolve_device
-from stpredict.models._io import register_model, save_model
-from stpredict.models._pixnet._model import _jsonable
+from stpredict.models._io import network_checkpoint_state, register_model, restore_network, save_model
 from stpredict.models._training._plan import normalize_tiles
 
 from ._geometry import cell_of, crop_origins, knn_edges, neighbour_tokens
@@ -441,14 +440,7 @@ class MagNet:
         return save_model(self, path, overwrite=overwrite)
 
     def _checkpoint_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = {
-            "params": _jsonable(self.config),
-            "var_names": list(self.var_names),
-            "normalization": _jsonable(self.normalization),
-            "fit_history": _jsonable(self.fit_history),
-            "fit_params": _jsonable(self.fit_params),
-        }
-        return config, dict(self.module.state_dict())
+        return network_checkpoint_state(self)
 
     @classmethod
     def _from_checkpoint_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MagNet:
@@ -462,16 +454,8 @@ class MagNet:
         except TypeError as err:
             msg = f"MagNet checkpoint has parameters this stpredict does not know ({err}); upgrade stpredict."
             raise InputError(msg) from err
-        try:
-            model.module.load_state_dict(tensors, strict=True)
-        except RuntimeError as err:
-            msg = f"The checkpoint's weights do not fit the MagNet its config describes; the file is corrupt ({err})."
-            raise InputError(msg) from err
+        restore_network(model, config, tensors)
         model.config["pretrained"], model.config["context_pretrained"] = provenance
-        model.normalization = config.get("normalization")
-        model.fit_history = config.get("fit_history")
-        model.fit_params = config.get("fit_params")
-        model.module.eval()
         return model
 
 

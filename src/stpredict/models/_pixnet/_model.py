@@ -13,7 +13,7 @@ from stpredict._errors import InputError
 from stpredict._logging import get_logger
 from stpredict._validation import check_gene_names
 from stpredict.models._device import resolve_device
-from stpredict.models._io import register_model, save_model
+from stpredict.models._io import network_checkpoint_state, register_model, restore_network, save_model
 from stpredict.models._training import IMAGENET_MEAN, IMAGENET_STD, fit_options
 from stpredict.models._weights import map_state_dict, pretrained_state_dict, resolve_encoder
 
@@ -31,21 +31,6 @@ logger = get_logger(__name__)
 
 _VALUE_KINDS = ("intensive", "density")
 _ATTENTION = ("spatial", "channel")
-
-
-def _jsonable(value: Any) -> Any:
-    """Numpy scalars/arrays and tuples → plain JSON types (lists, floats, ints), recursively."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
 
 
 @register_model()
@@ -374,14 +359,7 @@ class PixNet:
         return save_model(self, path, overwrite=overwrite)
 
     def _checkpoint_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = {
-            "params": _jsonable(self.config),
-            "var_names": list(self.var_names),
-            "normalization": _jsonable(self.normalization),
-            "fit_history": _jsonable(self.fit_history),
-            "fit_params": _jsonable(self.fit_params),
-        }
-        return config, dict(self.module.state_dict())
+        return network_checkpoint_state(self)
 
     @classmethod
     def _from_checkpoint_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PixNet:
@@ -399,16 +377,8 @@ class PixNet:
         except TypeError as err:
             msg = f"PixNet checkpoint has parameters this stpredict does not know ({err}); upgrade stpredict."
             raise InputError(msg) from err
-        try:
-            model.module.load_state_dict(tensors, strict=True)
-        except RuntimeError as err:
-            msg = f"The checkpoint's weights do not fit the PixNet its config describes; the file is corrupt ({err})."
-            raise InputError(msg) from err
+        restore_network(model, config, tensors)
         model.config["pretrained"] = provenance
-        model.normalization = config.get("normalization")
-        model.fit_history = config.get("fit_history")
-        model.fit_params = config.get("fit_params")
-        model.module.eval()
         return model
 
 
