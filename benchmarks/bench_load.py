@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-BUSY_LOOP = "while True:\n    pass\n"
+# The busy loop stops when its parent (this driver) is gone, so an interrupted benchmark leaves nothing spinning.
+BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -155,6 +157,11 @@ def _cases(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     return {"alone": alone, "two side by side": pair, "beside a busy process": busy}
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """A SIGTERM (``kill``, a scheduler) unwinds like Ctrl-C, so each case's ``finally`` kills its children."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/load.json"))
@@ -169,6 +176,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    signal.signal(signal.SIGTERM, _interrupt)
 
     from stpredict._settings import WAIT_VARIABLES, usable_cores
 
