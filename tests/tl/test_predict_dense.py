@@ -324,6 +324,26 @@ def test_backed_run_interrupted_resumes_to_identical_map(rgb, tmp_path, monkeypa
     np.testing.assert_array_equal(_map(again), _map(reference)[1:2])
 
 
+def test_units_read_a_bounded_slide_region(rgb, monkeypatch):
+    """The default chunk and panel shrink until a unit reads at most UNIT_MAX_LEVEL_PX slide pixels; same map."""
+    from stpredict.tl import _blending
+
+    reference = _sdata(rgb)
+    st.tl.predict_dense(reference, ColourModel(), tissue_only=False, show_progress_bar=False)
+    budget = 120 * 120  # a unit of 40 × 40 map px reads (40·2 + 32)² = 12,544 px; 50 × 50 would read 17,424
+    monkeypatch.setattr(_dense_plan, "UNIT_MAX_LEVEL_PX", budget)
+    plans, real_plan = [], _dense_plan.DensePlan
+    monkeypatch.setattr(_dense_plan, "DensePlan", lambda *a: plans.append(real_plan(*a)) or plans[-1])
+    reads, real_read = [], _blending.read_model_region
+    monkeypatch.setattr(_blending, "read_model_region", lambda r, *a: reads.append(real_read(r, *a)) or reads[-1])
+    sdata = _sdata(rgb)
+    st.tl.predict_dense(sdata, ColourModel(), tissue_only=False, show_progress_bar=False)
+    assert (plans[-1].gy.chunk, plans[-1].panel) == (40, 1)  # 510 map px and all columns without the budget
+    assert len(reads) == plans[-1].gy.n_chunks * plans[-1].gx.n_chunks == 2 * 3
+    assert max(r.shape[1] * r.shape[2] for r in reads) <= budget
+    np.testing.assert_array_equal(_map(sdata), _map(reference))
+
+
 def test_distributed_client_gives_the_same_map(rgb, monkeypatch):
     distributed = pytest.importorskip("distributed")
     monkeypatch.setattr(_dense_plan, "UNIT_MAX_BYTES", 2 * 4 * 4 * 20 * 22)

@@ -26,10 +26,14 @@ if TYPE_CHECKING:
 
     from stpredict.models._base import DenseModel
 
-__all__ = ["DEFAULT_CHUNK", "UNIT_MAX_BYTES", "DensePlan", "MapLayout", "TissueMask", "plan_map"]
+__all__ = ["DEFAULT_CHUNK", "UNIT_MAX_BYTES", "UNIT_MAX_LEVEL_PX", "DensePlan", "MapLayout", "TissueMask", "plan_map"]
 
 #: Budget for the float32 accumulator of one work unit (one chunk row × one panel of chunk columns).
 UNIT_MAX_BYTES = 256 * 2**20
+#: Budget for the slide pixels one work unit reads at the source level (32 Mpx: 96 MiB as uint8 RGB). Bounds the
+#: default chunk and the panel width of models with a coarse map (MagNet: one map pixel per bin), whose 512 map
+#: pixels would otherwise read thousands of slide pixels per side.
+UNIT_MAX_LEVEL_PX = 32 * 2**20
 #: Default output chunk length in map pixels (rounded to a multiple of the tile stride).
 DEFAULT_CHUNK = 512
 
@@ -259,11 +263,19 @@ def plan_map(
     f = f0 * s  # full-resolution pixels per map pixel
     height, width = math.ceil(ny0 / f - 1e-9), math.ceil(nx0 / f - 1e-9)
     m = max(1, round((chunk_size or DEFAULT_CHUNK) / stride))
+
+    def level_px(rows: int, cols: int) -> float:  # source-level pixels under a unit of rows × cols map pixels
+        return (rows * s + t) * ratio[0] * (cols * s + t) * ratio[1]
+
+    while chunk_size is None and m > 1 and level_px(m * stride, m * stride) > UNIT_MAX_LEVEL_PX:
+        m -= 1
     chunk = m * stride
     gy = AxisGrid(height, n, context, ramp, chunk)
     gx = AxisGrid(width, n, context, ramp, chunk)
     channels = np.array([list(model.var_names).index(g) for g in gene_list])
     panel = max(1, min(gx.n_chunks, UNIT_MAX_BYTES // (4 * (len(channels) + 1) * chunk * (chunk + ramp))))
+    while panel > 1 and level_px(chunk, panel * chunk) > UNIT_MAX_LEVEL_PX:
+        panel -= 1
 
     tissue = None
     if tissue_only:

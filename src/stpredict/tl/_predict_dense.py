@@ -127,7 +127,8 @@ def predict_dense(
         Overlap of neighbouring tiles in µm; at least ``2 * model.context`` px. Default: twice the context plus
         an eighth of the tile.
     chunk_size
-        Output chunk length in map pixels, rounded to a multiple of the tile stride; default about 512.
+        Output chunk length in map pixels, rounded to a multiple of the tile stride. Default about 512, less for
+        models with a coarse map (MagNet), so that one work unit reads at most 32 Mpx of the slide.
     max_rescale
         Largest accepted factor between the µm per pixel of the level read and the model's.
     overwrite
