@@ -65,16 +65,16 @@ CPU_BUDGET: dict[str, Any] = {
     "mean_counts_per_um2": 1.0,  # ≈ 64 counts per 8 µm bin over the genes
     "tissue_seed": 7,
     "magnet": {"um_per_px": 1.0, "dim": 64, "depth": 2, "n_layers": 2, "num_heads": 4},  # crops 28 px
-    "magnet_fit": {"max_epochs": 2, "batches_per_epoch": 4, "patience": 2},
+    "magnet_fit": {"max_epochs": 8, "batches_per_epoch": 8, "patience": 3},  # ≈ 3 s per window on 2 cores
     "pixnet": {"um_per_px": 2.0, "tile_size": 192, "output_stride": 2, "decoder_channels": "32,64,128,192,256,320"},
-    "pixnet_fit": {"max_epochs": 2, "tiles_per_epoch": 8, "batch_size": 4, "lr": 2e-3, "patience": 2},
+    "pixnet_fit": {"max_epochs": 8, "tiles_per_epoch": 16, "batch_size": 4, "lr": 2e-3, "patience": 3},
     "crop": {"um_per_px": 1.0, "crop_um": 32.0},  # SpotCNN / EmbeddingRidge: a 32 µm crop around each bin
     "spotcnn_fit": {
-        "max_epochs": 2,
+        "max_epochs": 8,
         "tiles_per_epoch": 128,
         "batch_size": 32,
         "lr": 2e-3,
-        "patience": 2,
+        "patience": 3,
         "validation_tiles": 256,
     },
     "ridge_fit": {"max_units": 1500, "n_components": 32},

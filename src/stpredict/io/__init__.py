@@ -1,4 +1,4 @@
-"""Readers: legacy Spatial Transcriptomics folders, thin helpers over spatialdata-io, in-memory builders.
+"""Readers: legacy Spatial Transcriptomics folders, whole-slide scans, thin helpers over spatialdata-io, builders.
 
 Everything comes out in stpredict's layout (``images["he"]``, a shapes element of the measured units,
 ``tables["table"]`` with raw counts) and calibrated in micrometres where the scale is known.
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ._metadata import infer_um_per_px
     from ._spatialdata_io import read_visium, read_visium_hd, read_xenium
     from ._st import read_st
+    from ._wsi import read_wsi
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
@@ -23,5 +24,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "_metadata": ["infer_um_per_px"],
         "_spatialdata_io": ["read_visium", "read_visium_hd", "read_xenium"],
         "_st": ["read_st"],
+        "_wsi": ["read_wsi"],
     },
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from ._utils import axes_or_new, finish, resolve_show
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     import pandas as pd
     from anndata import AnnData
@@ -111,10 +111,35 @@ def predicted_vs_measured(
     return finish(ax.figure, ax, show=show, save=save, dpi=dpi)
 
 
+def _per_gene(result: EvaluationResult | pd.DataFrame, metric: str, nan_policy: str | None, name: str) -> dict:
+    """The metric's values over genes of one result, with undefined values handled by the NaN policy."""
+    if isinstance(result, EvaluationResult):
+        per_gene = result.per_gene
+        policy = nan_policy or result.params.get("nan_policy", "minus_one")
+    elif hasattr(result, "columns"):
+        per_gene = result
+        policy = nan_policy or "minus_one"
+    else:
+        msg = f"Result {name!r} must be an EvaluationResult or its per_gene DataFrame, got {type(result).__name__}."
+        raise InputError(msg)
+    if policy not in NAN_POLICIES:
+        msg = f"nan_policy must be one of {NAN_POLICIES}, got {policy!r}."
+        raise InputError(msg)
+    if metric not in per_gene:
+        msg = f"No per-gene column {metric!r} in result {name!r}; columns: {list(per_gene.columns)}."
+        raise KeyError(msg)
+    raw = per_gene[metric].to_numpy(dtype=np.float64)
+    keep = np.ones(raw.shape, dtype=bool) if policy == "minus_one" else np.isfinite(raw)
+    values = np.nan_to_num(raw, nan=-1.0)[keep]
+    genes = np.asarray(per_gene.index)[keep]
+    return {"values": values, "genes": genes, "n": raw.size, "n_nan": int(np.isnan(raw).sum()), "policy": policy}
+
+
 def gene_scores(
-    result: EvaluationResult | pd.DataFrame,
+    results: EvaluationResult | pd.DataFrame | Mapping[str, EvaluationResult | pd.DataFrame],
     *,
     metric: str = "pcc",
+    kind: Literal["box", "hist", "rank"] = "box",
     nan_policy: str | None = None,
     bins: int = 30,
     ax: Axes | None = None,
@@ -123,19 +148,25 @@ def gene_scores(
     show: bool | None = None,
     save: str | os.PathLike[str] | None = None,
 ) -> Axes | None:
-    """Distribution over genes of the gene-wise PCC, with PCC@F, PCC@S and PCC@M marked.
+    """Distribution and ranking over genes of a per-gene score, for one model or several side by side.
 
     Parameters
     ----------
-    result
-        An :class:`stpredict.tl.EvaluationResult` or its ``per_gene`` table.
+    results
+        An :class:`stpredict.tl.EvaluationResult` (or its ``per_gene`` table), or a mapping model name → result
+        to compare models (e.g. ``{"PixNet": r1, "MagNet": r2}``).
     metric
-        Per-gene column to draw (``"pcc"`` or ``"spearman"`` get quartile/median/mean lines).
+        Per-gene column to draw, e.g. ``"pcc"``, ``"spearman"``, ``"mse"``.
+    kind
+        ``"box"``: one box per model (median, quartiles; the mean, i.e. PCC@M for ``"pcc"``, as a white dot);
+        ``"hist"``: histograms on shared bins (one model: filled, with PCC@F, PCC@S and PCC@M marked for
+        ``"pcc"``/``"spearman"``; several: outlines); ``"rank"``: each model's genes sorted from best to worst
+        (score against rank).
     nan_policy
-        How undefined correlations enter the histogram and the lines (default: the result's policy, else
-        ``"minus_one"``): as −1, left out (``"omit"``/``"propagate"``: they cannot be drawn).
+        How undefined correlations are drawn (default: each result's policy, else ``"minus_one"``): as −1, or left
+        out (``"omit"``/``"propagate"``: they cannot be drawn).
     bins
-        Histogram bins.
+        Histogram bins (``kind="hist"``).
     ax
         Axes to draw into (default: a new figure).
     figsize, dpi
@@ -147,43 +178,85 @@ def gene_scores(
 
     Returns
     -------
-    The axes: a histogram and three vertical lines labelled ``PCC@F``, ``PCC@S``, ``PCC@M`` with their values.
+    The axes. ``"box"``: one box per model at x = 1, 2, ... labelled with the model names. ``"hist"``: one
+    histogram per model (labelled with its name), and for one model three vertical lines labelled ``PCC@F``,
+    ``PCC@S``, ``PCC@M`` with their values. ``"rank"``: one line per model labelled with its name, y = its sorted
+    scores.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> import stpredict as st
+    >>> rng = np.random.default_rng(0)
+    >>> truth = ad.AnnData(rng.normal(size=(50, 8)))
+    >>> good = st.tl.evaluate(ad.AnnData(truth.X + rng.normal(scale=0.5, size=truth.shape)), truth)
+    >>> poor = st.tl.evaluate(ad.AnnData(truth.X + rng.normal(scale=2.0, size=truth.shape)), truth)
+    >>> ax = st.pl.gene_scores({"good": good, "poor": poor}, kind="rank", show=False)
+    >>> [line.get_label() for line in ax.get_lines()]
+    ['good', 'poor']
     """
-    if isinstance(result, EvaluationResult):
-        per_gene = result.per_gene
-        policy = nan_policy or result.params.get("nan_policy", "minus_one")
-    else:
-        per_gene = result
-        policy = nan_policy or "minus_one"
-    if policy not in NAN_POLICIES:
-        msg = f"nan_policy must be one of {NAN_POLICIES}, got {policy!r}."
+    from collections.abc import Mapping
+
+    if kind not in ("box", "hist", "rank"):
+        msg = f"kind must be 'box', 'hist' or 'rank', got {kind!r}."
         raise InputError(msg)
-    if metric not in per_gene:
-        msg = f"No per-gene column {metric!r}; columns: {list(per_gene.columns)}."
-        raise KeyError(msg)
-    raw = per_gene[metric].to_numpy(dtype=np.float64)
-    values = np.nan_to_num(raw, nan=-1.0) if policy == "minus_one" else raw[np.isfinite(raw)]
+    named = dict(results) if isinstance(results, Mapping) else {"": results}
+    if not named:
+        msg = "Pass at least one result."
+        raise InputError(msg)
+    scores = {str(name): _per_gene(r, metric, nan_policy, str(name)) for name, r in named.items()}
     show = resolve_show(show, ax=ax, save=save)
     ax = axes_or_new(ax, show, figsize=figsize, dpi=dpi)
-    ax.hist(values, bins=bins, color="0.7", edgecolor="0.4")
-    name = "PCC" if metric == "pcc" else metric
-    if metric in ("pcc", "spearman") and values.size:
-        summary = pcc_summary(values, nan_policy="propagate")
-        styles = {"pcc_f": ("tab:blue", ":"), "pcc_s": ("tab:orange", "--"), "pcc_m": ("tab:red", "-")}
-        for key, (color, ls) in styles.items():
-            label = f"{name}@{key[-1].upper()} = {summary[key]:.3f}"
-            ax.axvline(summary[key], color=color, ls=ls, lw=1.5, label=label)
-        ax.legend(loc="upper left", fontsize="small")
-    n_nan = int(np.isnan(raw).sum())
-    note = f"; {n_nan} undefined as −1" if policy == "minus_one" and n_nan else ""
-    ax.set_title(f"gene-wise {name} ({len(raw)} genes{note})")
-    ax.set_xlabel(f"gene-wise {name} across units")
-    ax.set_ylabel("genes")
+    label = "PCC" if metric == "pcc" else metric
+    single = len(scores) == 1
+    if kind == "box":
+        data = [s["values"] for s in scores.values()]
+        ax.boxplot(
+            data,
+            positions=np.arange(1, len(data) + 1),
+            widths=0.6,
+            showmeans=True,
+            meanprops={"marker": "o", "markerfacecolor": "white", "markeredgecolor": "black"},
+            flierprops={"markersize": 3},
+        )
+        ax.set_xticks(np.arange(1, len(data) + 1))
+        ax.set_xticklabels(list(scores) if not single or next(iter(scores)) else [label])
+        ax.set_ylabel(f"gene-wise {label}")
+        ax.grid(axis="y", alpha=0.3)
+    elif kind == "hist":
+        pooled = np.concatenate([s["values"] for s in scores.values()])
+        edges = np.histogram_bin_edges(pooled if pooled.size else [0.0, 1.0], bins=bins)
+        for name, s in scores.items():
+            if single:
+                ax.hist(s["values"], bins=edges, color="0.7", edgecolor="0.4", label=name or None)
+            else:
+                ax.hist(s["values"], bins=edges, histtype="step", lw=1.5, label=name)
+        if single and metric in ("pcc", "spearman") and pooled.size:
+            summary = pcc_summary(pooled, nan_policy="propagate")
+            styles = {"pcc_f": ("tab:blue", ":"), "pcc_s": ("tab:orange", "--"), "pcc_m": ("tab:red", "-")}
+            for key, (color, ls) in styles.items():
+                ax.axvline(summary[key], color=color, ls=ls, lw=1.5, label=f"{label}@{key[-1].upper()} = {summary[key]:.3f}")
+        ax.set_xlabel(f"gene-wise {label} across units")
+        ax.set_ylabel("genes")
+    else:
+        for name, s in scores.items():
+            ranked = np.sort(s["values"])
+            ranked = ranked if metric in ("mse", "mae") else ranked[::-1]  # best first
+            ax.plot(np.arange(1, ranked.size + 1), ranked, marker=".", label=name or label)
+        ax.set_xlabel("gene rank (best first)")
+        ax.set_ylabel(f"gene-wise {label}")
+        ax.grid(alpha=0.3)
+    if kind != "box" and (not single or kind == "hist") and ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small")
+    n_genes = max(s["n"] for s in scores.values())
+    n_nan = sum(s["n_nan"] for s in scores.values() if s["policy"] == "minus_one")
+    note = f"; {n_nan} undefined as −1" if n_nan else ""
+    ax.set_title(f"gene-wise {label} ({n_genes} genes{note})")
     return finish(ax.figure, ax, show=show, save=save, dpi=dpi)
 
 
 def scale_curve(
-    table: pd.DataFrame,
+    table: pd.DataFrame | Mapping[str, pd.DataFrame],
     *,
     metrics: str | Sequence[str] = "pcc_m",
     hue: str | None = None,
@@ -200,11 +273,11 @@ def scale_curve(
     ----------
     table
         Columns ``bin_size_um``, ``metric``, ``value`` (and ``hue`` if given, e.g. a ``model`` column from
-        concatenating several runs).
+        concatenating several runs), or a mapping model name → such table (drawn with ``hue="model"``).
     metrics
         Metric name(s) to draw, one line each (per ``hue`` level).
     hue
-        Column whose levels get separate lines.
+        Column whose levels get separate lines (one colour per level; one line style per metric).
     logx
         Logarithmic bin-size axis.
     ax
@@ -220,6 +293,11 @@ def scale_curve(
     -------
     The axes, one line per metric (× hue level), labelled ``"<metric>"`` or ``"<hue level> <metric>"``.
     """
+    import pandas as pd
+
+    if not isinstance(table, pd.DataFrame):
+        table = pd.concat({str(k): v for k, v in dict(table).items()}, names=["model", None]).reset_index(0)
+        hue = hue or "model"
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     needed = ["bin_size_um", "metric", "value"] + ([hue] if hue else [])
     missing = [c for c in needed if c not in table]
@@ -230,14 +308,24 @@ def scale_curve(
     if absent:
         msg = f"Metrics {absent} are not in the table; it has {sorted(set(table['metric']))}."
         raise KeyError(msg)
+    by = ["bin_size_um", "metric"] + ([hue] if hue else [])
+    if table[table["metric"].isin(metrics)].duplicated(by).any():
+        msg = (
+            f"The table has several values for one metric at one bin size{' per ' + hue if hue else ''}; pass "
+            "`hue=` naming the column that tells them apart (e.g. 'model'), or filter the table first."
+        )
+        raise InputError(msg)
     show = resolve_show(show, ax=ax, save=save)
     ax = axes_or_new(ax, show, figsize=figsize, dpi=dpi)
     groups = [(None, table)] if hue is None else list(table.groupby(hue, sort=False, observed=True))
-    for level, sub in groups:
-        for m in metrics:
+    styles = ["-", "--", ":", "-."]
+    for g, (level, sub) in enumerate(groups):
+        for k, m in enumerate(metrics):
             rows = sub[sub["metric"] == m].sort_values("bin_size_um")
             label = _SHORT.get(m, m) if level is None else f"{level} {_SHORT.get(m, m)}"
-            ax.plot(rows["bin_size_um"], rows["value"], marker="o", label=label)
+            color = f"C{g}" if hue is not None else f"C{k}"
+            ls = styles[k % len(styles)] if hue is not None else "-"
+            ax.plot(rows["bin_size_um"], rows["value"], marker="o", color=color, ls=ls, label=label)
     sizes = np.sort(table["bin_size_um"].unique())
     if logx:
         ax.set_xscale("log")
