@@ -72,6 +72,10 @@ def base() -> SpatialData:
         values, dims=("c", "y", "x"), c_coords=GENES, transformations=dict(transformations)
     )
     set_element_meta(sdata, "pred", sdata.images["pred"], {"value_kind": "intensive"})
+    sdata.images["pred2"] = Image2DModel.parse(
+        values[::-1].copy(), dims=("c", "y", "x"), c_coords=GENES, transformations=dict(transformations)
+    )
+    set_element_meta(sdata, "pred2", sdata.images["pred2"], {"value_kind": "intensive"})
     cells = (np.arange(6 * 6, dtype=np.int32).reshape(6, 6) + 1).repeat(16, 0).repeat(16, 1)
     sdata.labels["cells"] = Labels2DModel.parse(cells, dims=("y", "x"), transformations=dict(transformations))
     return sdata
@@ -105,6 +109,10 @@ WRITERS = {
     "pp.bin_counts": Writer(
         lambda sd, key, **kw: st.pp.bin_counts(sd, "table", bin_size=16, key_added=key, **kw),
         {KEY: "tables", f"{KEY}_bins": "shapes"},
+    ),
+    "tl.ensemble_maps": Writer(
+        lambda sd, key, **kw: st.tl.ensemble_maps(sd, ["pred", "pred2"], key_added=key, **kw),
+        {KEY: "images", f"{KEY}_sd": "images"},
     ),
     "pp.tissue_mask": Writer(
         lambda sd, key, **kw: st.pp.tissue_mask(sd, "he", target_um_per_px=2.0, min_area_um2=0.0, key_added=key, **kw),
@@ -223,6 +231,7 @@ WORK = {
     "tl.aggregate(shapes_key)": ("stpredict.tl._aggregate", "_shapes"),
     "tl.aggregate(labels_key)": ("stpredict.tl._aggregate", "_labels"),
     "pp.bin_counts": ("stpredict.pp._bin", "apply_affine"),
+    "tl.ensemble_maps": ("stpredict.tl._ensemble", "_members"),
     "pp.tissue_mask": ("stpredict.pp._tissue", "_pick_level"),
 }
 

@@ -24,6 +24,7 @@ def test_public_names_resolve():
         "read_visium",
         "read_visium_hd",
         "read_xenium",
+        "read_wsi",
     }
     for name in stpredict.io.__all__:
         assert callable(getattr(stpredict.io, name))

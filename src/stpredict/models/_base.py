@@ -14,6 +14,16 @@ __all__ = ["DenseModel"]
 class DenseModel(Protocol):
     """What :func:`stpredict.tl.predict_dense` needs from a model (PixNet and the baselines alike).
 
+    Two optional attributes change how :func:`~stpredict.tl.predict_dense` tiles the slide:
+
+    - ``tiling``: ``"blend"`` (default: neighbouring tiles overlap by more than twice the context and are blended
+      across the overlap) or ``"partition"`` (tiles overlap by exactly twice the context, so every map pixel comes
+      from the core of one tile; the tile cores lie on a grid of ``tile_size - 2 * context`` model pixels that
+      starts at the image origin). MagNet, whose bins and context tiles live on grids anchored at the image origin,
+      uses ``"partition"``.
+    - ``uses_tile_origins``: when true, ``predict_tiles`` is also given ``origins=``, the model-pixel position
+      ``(y, x)`` of each tile's first pixel (negative for tiles that start before the image).
+
     Attributes
     ----------
     name
@@ -30,16 +40,6 @@ class DenseModel(Protocol):
         Input pixels on each side of a tile whose predictions are unreliable (blended away when stitching).
     value_kind
         ``"density"`` (expected counts per µm², aggregate by sum) or ``"intensive"`` (aggregate by mean).
-
-    Two optional attributes change how :func:`~stpredict.tl.predict_dense` tiles the slide:
-
-    - ``tiling``: ``"blend"`` (default: neighbouring tiles overlap by more than twice the context and are blended
-      across the overlap) or ``"partition"`` (tiles overlap by exactly twice the context, so every map pixel comes
-      from the core of one tile; the tile cores lie on a grid of ``tile_size - 2 * context`` model pixels that
-      starts at the image origin). MagNet, whose bins and context tiles live on grids anchored at the image origin,
-      uses ``"partition"``.
-    - ``uses_tile_origins``: when true, ``predict_tiles`` is also given ``origins=``, the model-pixel position
-      ``(y, x)`` of each tile's first pixel (negative for tiles that start before the image).
     """
 
     name: str
