@@ -21,8 +21,8 @@ from stpredict.models._training._fit import (
     _quiet_lightning,
     _target_normalization,
     resolve_accelerator,
+    train_plan,
 )
-from stpredict.models._training._plan import _make_callbacks
 
 from ._data import WindowDataset, epoch_callback, prepare_sections
 from ._loss import LossWeights, magnet_loss, pcc_loss
@@ -176,28 +176,21 @@ def fit_magnet(
     with _quiet_lightning():
         lp.seed_everything(seed, workers=True, verbose=False)
         plan = _plan_class()(model.module, weights=LossWeights(*loss_weights), optimizer=cfg)
-        callbacks, best = _make_callbacks(has_val=val_loader is not None, patience=patience)
-        callbacks.append(epoch_callback())
-        trainer = lp.Trainer(
+        history = train_plan(
+            plan,
+            loader,
+            val_loader,
             max_epochs=max_epochs,
+            patience=patience,
+            show_progress_bar=bool(show_progress_bar),
             accelerator=accelerator,
             devices=devices,
             precision=precision,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=bool(show_progress_bar),
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
             deterministic=accelerator == "cpu" or not torch.cuda.is_available(),
-            limit_val_batches=1.0 if val_loader is not None else 0,
+            callbacks=[epoch_callback(), *trainer_kwargs.pop("callbacks", [])],
             **trainer_kwargs,
         )
-        trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader)
     model.module.cpu().eval()
-    history: dict[str, Any] = dict(best.history)
-    history["best_epoch"] = best.best_epoch
     model.fit_history = history
     model.normalization = normalization
     model.fit_params = {

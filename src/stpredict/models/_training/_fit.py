@@ -335,29 +335,21 @@ def fit(
             n_genes=len(model.var_names),
             n_tables=len(table_keys),
         )
-        callbacks, best = _make_callbacks(has_val=val_loader is not None, patience=patience)
-        callbacks += list(trainer_kwargs.pop("callbacks", []))
-        trainer = lp.Trainer(
+        history = train_plan(
+            plan,
+            train_loader,
+            val_loader,
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices if devices is not None else auto_devices,
             strategy=strategy,
             precision=precision,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=bool(show_progress_bar),
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
-            limit_val_batches=1.0 if val_loader is not None else 0,
+            patience=patience,
+            show_progress_bar=show_progress_bar,
             **trainer_kwargs,
         )
-        trainer.fit(plan, train_dataloaders=train_loader, val_dataloaders=val_loader)
 
     model.module.cpu().eval()
-    history: dict[str, Any] = dict(best.history)
-    history["best_epoch"] = best.best_epoch
     model.fit_history = history
     params: dict[str, Any] = {
         "image_key": image_key,
@@ -383,6 +375,44 @@ def fit(
         model.normalization = _target_normalization(data, table_keys[0], target_layer)
     logger.info("fit: %d epochs, best epoch %d", params["epochs_run"], history["best_epoch"])
     return model
+
+
+def train_plan(
+    plan: Any,
+    train_loader: Any,
+    val_loader: Any | None,
+    *,
+    max_epochs: int,
+    patience: int,
+    show_progress_bar: bool,
+    **trainer_kwargs: Any,
+) -> dict[str, Any]:
+    """Run Lightning on ``plan`` with the shared callbacks (best weights, early stopping); return the history.
+
+    One trainer configuration for every model family: no logger or checkpoint files, no sanity validation, the
+    best epoch's weights restored at the end (``history["best_epoch"]``). ``trainer_kwargs`` (accelerator,
+    devices, precision, strategy, extra ``callbacks``, ...) go to :class:`lightning.pytorch.Trainer`.
+    """
+    import lightning.pytorch as lp
+
+    callbacks, best = _make_callbacks(has_val=val_loader is not None, patience=patience)
+    callbacks += list(trainer_kwargs.pop("callbacks", []))
+    trainer = lp.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=bool(show_progress_bar),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        limit_val_batches=1.0 if val_loader is not None else 0,
+        **trainer_kwargs,
+    )
+    trainer.fit(plan, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    history: dict[str, Any] = dict(best.history)
+    history["best_epoch"] = best.best_epoch
+    return history
 
 
 def _mean_target_per_pixel(sections: list[Any], model: Any, reduce: str) -> np.ndarray:
