@@ -86,7 +86,7 @@ def quick_demo(monkeypatch):
     """The demo's work replaced by writing two outputs; setting ``["fail"]`` makes it fail halfway."""
     state = {"fail": False}
 
-    def run(out, config, *, show_progress_bar):
+    def run(out, config, *, show_progress_bar, fit_kwargs=None):
         (out / "metrics.csv").write_text(f"seed {config.seed}")
         if state["fail"]:
             msg = "boom"
@@ -114,7 +114,7 @@ def test_cli_demo_refuses_a_folder_it_did_not_write(tmp_path, monkeypatch, capsy
     (tmp_path / "results" / "notes.txt").write_text("my notes")
     (tmp_path / "notes.txt").write_text("my notes")
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["demo", "--out", out, "--quick"]) == 1
+    assert cli.main(["demo", "--out", out, "--quick"]) == 2  # bad input: the message names the fix
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith(f"stpredict demo: error: The output folder {out!r} already holds ")

@@ -145,10 +145,10 @@ SUBPACKAGES = ("io", "pp", "tl", "pl", "datasets", "models")
 #: Names a leading positional argument (the data) may have.
 DATA_NAMES = {
     "sdata", "adata", "data", "pred", "truth", "path", "values", "result", "table", "fold_results", "image", "tiles",
-    "crops",
+    "crops", "results", "model_or_history",
 }  # fmt: skip
 #: A second positional argument: the counterpart of the data, or the one element key.
-SECOND_NAMES = {"truth", "model", "adata"}
+SECOND_NAMES = {"truth", "model", "adata", "genes"}
 #: The element keys of the API: one name per concept (the dense map is ``map_key``, the H&E ``image_key``).
 ELEMENT_KEYS = {
     "image_key",
@@ -271,7 +271,7 @@ def test_signature_conventions(qualname, obj, is_class):
 
 def test_convention_check_sees_the_whole_api():
     seen = {name for name, _, _ in CALLABLES}
-    assert {"st.tl.aggregate", "st.tl.predict_dense", "st.pp.normalize", "st.pl.dense_maps", "st.io.read_st"} <= seen
+    assert {"st.tl.aggregate", "st.tl.predict_dense", "st.pp.normalize", "st.pl.gene_map", "st.io.read_st"} <= seen
     assert "st.models.PixNet" in seen
     assert "st.models.PixNet.fit" in seen
     assert len(seen) > 35

@@ -111,7 +111,7 @@ WRITERS = {
         {KEY: "tables", f"{KEY}_bins": "shapes"},
     ),
     "tl.ensemble_maps": Writer(
-        lambda sd, key, **kw: st.tl.ensemble_maps(sd, ["pred", "pred2"], key_added=key, **kw),
+        lambda sd, key, **kw: st.tl.ensemble_maps(sd, map_keys=["pred", "pred2"], key_added=key, **kw),
         {KEY: "images", f"{KEY}_sd": "images"},
     ),
     "pp.tissue_mask": Writer(

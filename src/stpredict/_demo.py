@@ -16,6 +16,8 @@ from stpredict._logging import get_logger
 from stpredict._outputs import output_folder
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import pandas as pd
     from spatialdata import SpatialData
 
@@ -90,6 +92,7 @@ def run_demo(
     config: DemoConfig | None = None,
     overwrite: bool = True,
     show_progress_bar: bool | None = None,
+    fit_kwargs: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Run the whole job on synthetic data and write the results to ``out_dir``.
 
@@ -111,6 +114,12 @@ def run_demo(
         place only once complete, so a failed run leaves the earlier one as it was.
     show_progress_bar
         Progress bars for training and prediction; ``settings.show_progress_bar`` when ``None``.
+    fit_kwargs
+        Progress options for :meth:`~stpredict.models.PixNet.fit` that take precedence, e.g.
+        ``{"show_progress_bar": False, "callbacks": [...]}`` for a Lightning callback that prints one line per epoch
+        (``stpredict demo`` does this when its output is not a terminal).
+
+    Each step is logged (``stpredict`` logger, level INFO) when it starts and when it ends, with its time.
 
     Returns
     -------
@@ -123,11 +132,20 @@ def run_demo(
     """
     config = config or DemoConfig()
     with output_folder(out_dir, written_by="stpredict demo", overwrite=overwrite, option="`out_dir`") as out:
-        metrics = _run(out, config, show_progress_bar=show_progress_bar)
+        metrics = _run(out, config, show_progress_bar=show_progress_bar, fit_kwargs=fit_kwargs)
     return metrics
 
 
-def _run(out: Path, config: DemoConfig, *, show_progress_bar: bool | None) -> pd.DataFrame:
+_STEPS = 6  # the steps that `tick` times, announced as [i/6]
+
+
+def _run(
+    out: Path,
+    config: DemoConfig,
+    *,
+    show_progress_bar: bool | None,
+    fit_kwargs: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
     """The demo's work, writing its outputs into the folder ``out``."""
     import pandas as pd
 
@@ -135,18 +153,25 @@ def _run(out: Path, config: DemoConfig, *, show_progress_bar: bool | None) -> pd
 
     timings: dict[str, float] = {}
 
-    def tick(step: str, start: float) -> float:
-        timings[step] = round(time.perf_counter() - start, 2)
-        logger.info("%s: %.1f s", step, timings[step])
+    def begin(step: str, detail: str = "") -> float:
+        """Announce a step before it starts (a long step must not look like a hung run)."""
+        logger.info("[%d/%d] %s%s ...", len(timings) + 1, _STEPS, step, f" ({detail})" if detail else "")
         return time.perf_counter()
 
-    t = time.perf_counter()
+    def tick(step: str, start: float) -> float:
+        timings[step] = round(time.perf_counter() - start, 2)
+        logger.info("[%d/%d] %s: done in %.1f s", len(timings), _STEPS, step, timings[step])
+        return time.perf_counter()
+
+    side = f"{config.section_um:g} µm"
+    t = begin("synthetic tissue (3 sections)", f"{side} × {side}, {config.n_genes} genes, {config.layout} spots")
     train, val, test = (
         _section(config, name, patient, config.seed + i)
         for i, (name, patient) in enumerate([("train", "P0"), ("val", "P1"), ("test", "P2")])
     )
     t = tick("synthetic tissue (3 sections)", t)
 
+    t = begin("preprocess", "tissue masks, genes, log1p CPM")
     for sdata in (train, val, test):
         st.pp.tissue_mask(sdata, "he")
     genes = st.pp.select_genes([train.tables["table"]], n_top=config.n_genes)
@@ -157,6 +182,10 @@ def _run(out: Path, config: DemoConfig, *, show_progress_bar: bool | None) -> pd
         st.pp.normalize(sdata.tables["table"], method="log1p_cpm", params=params)
     t = tick("preprocess", t)
 
+    t = begin(
+        "fit PixNet",
+        f"{config.max_epochs} epochs of {config.tiles_per_epoch} tiles of {config.tile_size} px, {config.value_kind}",
+    )
     model = st.models.PixNet(
         genes,
         encoder="tf_efficientnet_lite0",
@@ -180,15 +209,18 @@ def _run(out: Path, config: DemoConfig, *, show_progress_bar: bool | None) -> pd
         batch_size=config.batch_size,
         lr=config.lr,
         seed=config.seed,
-        show_progress_bar=show_progress_bar,
+        **{"show_progress_bar": show_progress_bar, **(fit_kwargs or {})},
     )
     model.save(out / "model")
     t = tick("fit PixNet", t)
 
+    t = begin("predict_dense", "held-out section")
     map_key = "he_pixnet"
     st.tl.predict_dense(test, model, image_key="he", key_added=map_key, show_progress_bar=show_progress_bar)
     t = tick("predict_dense", t)
 
+    sizes = ", ".join(f"{b:g}" for b in config.bin_sizes)
+    t = begin("aggregate + evaluate", f"measured spots and bins of {sizes} µm")
     rows: list[dict[str, Any]] = []
     measured_pred = st.tl.aggregate(test, map_key, shapes_key="spots", key_added="he_pixnet_spots", inplace=False)
     if density:  # expected counts per spot, normalised like the measured counts (training parameters)
@@ -214,6 +246,7 @@ def _run(out: Path, config: DemoConfig, *, show_progress_bar: bool | None) -> pd
     metrics = pd.concat([pd.DataFrame(rows), scales], ignore_index=True)
     t = tick("aggregate + evaluate", t)
 
+    t = begin("write zarr + figure")
     _figure(test, map_key, genes[:3]).savefig(out / "demo.png", dpi=100, bbox_inches="tight")
     test.write(out / "demo.zarr")
     metrics.to_csv(out / "metrics.csv", index=False)
@@ -236,7 +269,7 @@ def _figure(sdata: SpatialData, map_key: str, genes: list[str]) -> Any:
     fig = Figure(figsize=(3.2 * n, 6.4))
     grid = fig.subplots(2, n, sharex=True, sharey=True)
     for row, key, label in ((0, "truth", "true"), (1, map_key, "predicted")):
-        st.pl.dense_maps(sdata, key, genes=genes, image_key="he", axes=grid[row])
+        st.pl.gene_map(sdata, genes, map_key=key, image_key="he", overlay=False, ax=grid[row])
         for ax, gene in zip(grid[row][1:], genes, strict=True):
             ax.set_title(f"{gene} ({label})")
     return fig

@@ -8,99 +8,14 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import pytest
-import spatialdata as sd
 from matplotlib.figure import Figure
-from spatialdata.models import Image2DModel
-from spatialdata.transformations import Scale, Sequence, Translation
 
 import stpredict as st
-from stpredict._errors import CalibrationError, InputError
-from stpredict._geometry import set_um_per_px
+from stpredict._errors import InputError
 
 mpl.use("Agg")
-DPI = 40
-
-
-def _sdata(*, calibrate=True, multiscale=False, offset=0.0):
-    rng = np.random.default_rng(0)
-    he = Image2DModel.parse(
-        rng.integers(0, 255, size=(3, 64, 96), dtype=np.uint8),
-        dims=("c", "y", "x"),
-        c_coords=["r", "g", "b"],
-        scale_factors=[2] if multiscale else None,
-    )
-    stride = Scale([4.0, 4.0], axes=("x", "y"))
-    t = stride if offset == 0 else Sequence([stride, Translation([offset, offset], axes=("x", "y"))])
-    values = rng.random((3, 16, 24)).astype(np.float32)
-    values[1] = np.arange(24, dtype=np.float32)[None, :]  # gene B increases along x
-    dense = Image2DModel.parse(values, dims=("c", "y", "x"), c_coords=["A", "B", "C"], transformations={"global": t})
-    sdata = sd.SpatialData(images={"he": he, "he_pixnet": dense})
-    if calibrate:
-        set_um_per_px(sdata, "he", 0.5)
-    return sdata, values
-
-
-def _image_artists(ax):
-    return ax.get_images()
-
-
-def test_dense_maps_side_by_side_in_um():
-    sdata, values = _sdata()
-    fig = st.pl.dense_maps(sdata, "he_pixnet", genes=["A", "B"], dpi=DPI, show=False)
-    assert isinstance(fig, Figure)
-    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    assert [ax.get_title() for ax in panels] == ["he", "A", "B"]
-    assert len(fig.axes) == 3 + 2  # two colorbars
-    he_im, a_im = _image_artists(panels[0])[0], _image_artists(panels[1])[0]
-    # H&E: 96 × 64 px at 0.5 µm; the map: 24 × 16 pixels of 4 image pixels: the same 48 × 32 µm.
-    assert he_im.get_extent() == pytest.approx([0, 48, 32, 0])
-    assert a_im.get_extent() == pytest.approx([0, 48, 32, 0])
-    np.testing.assert_allclose(_image_artists(panels[2])[0].get_array(), values[1])
-    assert panels[1].get_xlabel() == "x (µm)"
-    assert panels[1].get_xlim() == pytest.approx((0, 48))
-    fig.canvas.draw()  # renders with Agg
-
-
-def test_dense_maps_into_given_axes_of_a_larger_grid():
-    sdata, values = _sdata()
-    fig = Figure()
-    grid = fig.subplots(2, 3)
-    returned = st.pl.dense_maps(sdata, "he_pixnet", genes=["A", "B"], axes=grid[1], show=False)
-    assert returned is fig
-    assert [ax.get_title() for ax in grid[1]] == ["he", "A", "B"]
-    assert [ax.get_title() for ax in grid[0]] == ["", "", ""]  # the other row is left alone
-    np.testing.assert_allclose(_image_artists(grid[1][2])[0].get_array(), values[1])
-    with pytest.raises(InputError, match="Pass 3 axes"):
-        st.pl.dense_maps(sdata, "he_pixnet", genes=["A", "B"], axes=grid[0][:2], show=False)
-
-
-def test_dense_maps_pixels_overlay_offset_and_pyramid():
-    sdata, _ = _sdata(calibrate=False, multiscale=True, offset=2.0)
-    fig = st.pl.dense_maps(sdata, "he_pixnet", genes="C", overlay=True, dpi=DPI, max_pixels=48, show=False)
-    (ax,) = [a for a in fig.axes if a.get_label() != "<colorbar>"]
-    he_im, map_im = _image_artists(ax)
-    assert he_im.get_array().shape[:2] == (32, 48)  # the coarser pyramid level was drawn
-    assert he_im.get_extent() == pytest.approx([0, 96, 64, 0])  # ...over the full-resolution extent
-    # Scale(4) then Translation(2): map pixel corner (0, 0) sits at image pixel (2, 2).
-    assert map_im.get_extent() == pytest.approx([2, 98, 66, 2])
-    assert map_im.get_alpha() == pytest.approx(0.6)
-    assert ax.get_xlabel() == "x (px)"
-    with pytest.raises(CalibrationError, match="calibrate"):
-        st.pl.dense_maps(sdata, "he_pixnet", genes="C", units="um", show=False)
-    fig = st.pl.dense_maps(sdata, "he_pixnet", genes=["A", "B", "C"], image_key=None, ncols=2, dpi=DPI, show=False)
-    panels = [a for a in fig.axes if a.get_label() != "<colorbar>"]
-    assert [a.get_title() for a in panels] == ["A", "B", "C"]
-    assert panels[0].get_images()[0].get_extent() == pytest.approx([0, 24, 16, 0])  # own pixels
-
-
-def test_dense_maps_errors():
-    sdata, _ = _sdata()
-    with pytest.raises(KeyError, match="not channels"):
-        st.pl.dense_maps(sdata, "he_pixnet", genes=["ZZZ"], show=False)
-    with pytest.raises(KeyError, match="No dense map"):
-        st.pl.dense_maps(sdata, "nope", genes=["A"], show=False)
-    with pytest.raises(InputError, match="overlay"):
-        st.pl.dense_maps(sdata, "he_pixnet", genes=["A"], image_key=None, overlay=True, show=False)
+DPI = 50
+TOL = 15  # RMS, STYLE.md: 15-25 at most
 
 
 def _tables(rng, n=80, g=6):
@@ -133,14 +48,14 @@ def test_predicted_vs_measured(rng):
 def test_gene_scores_histogram_marks_f_s_m(rng):
     pred, truth = _tables(rng)
     result = st.tl.evaluate(pred, truth)
-    ax = st.pl.gene_scores(result, dpi=DPI, show=False)
+    ax = st.pl.gene_scores(result, kind="hist", dpi=DPI, show=False)
     lines = {line.get_label().split(" =")[0]: line.get_xdata()[0] for line in ax.get_lines()}
     assert lines["PCC@F"] == pytest.approx(result.summary["pcc_f"])
     assert lines["PCC@S"] == pytest.approx(result.summary["pcc_s"])
     assert lines["PCC@M"] == pytest.approx(result.summary["pcc_m"])
     assert sum(p.get_height() for p in ax.patches) == 6  # every gene counted, the undefined one as −1
     assert "1 undefined as −1" in ax.get_title()
-    ax = st.pl.gene_scores(result.per_gene, nan_policy="omit", dpi=DPI, show=False)
+    ax = st.pl.gene_scores(result.per_gene, kind="hist", nan_policy="omit", dpi=DPI, show=False)
     assert sum(p.get_height() for p in ax.patches) == 5
     with pytest.raises(KeyError, match="per-gene column"):
         st.pl.gene_scores(result, metric="nope", show=False)
@@ -174,24 +89,102 @@ def test_scale_curve():
         st.pl.scale_curve(table, metrics="ssim_m", show=False)
 
 
+def _two_models(rng):
+    pred, truth = _tables(rng)
+    worse = pred.copy()
+    worse.X = worse.X + rng.normal(scale=2.0, size=worse.shape)
+    return {"pixnet": st.tl.evaluate(pred, truth), "ridge": st.tl.evaluate(worse, truth)}
+
+
+def test_gene_scores_several_models_box_hist_rank(rng):
+    results = _two_models(rng)
+    pcc = {k: np.nan_to_num(r.per_gene["pcc"].to_numpy(), nan=-1.0) for k, r in results.items()}
+    ax = st.pl.gene_scores(results, dpi=DPI, show=False)  # box by default
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["pixnet", "ridge"]
+    by_gid = {line.get_gid(): line.get_ydata()[0] for line in ax.get_lines() if line.get_gid()}
+    assert by_gid["median pixnet"] == pytest.approx(np.median(pcc["pixnet"]))
+    assert by_gid["median ridge"] == pytest.approx(np.median(pcc["ridge"]))
+    means = [by_gid["mean pixnet"], by_gid["mean ridge"]]
+    assert means == pytest.approx([pcc["pixnet"].mean(), pcc["ridge"].mean()])  # PCC@M of each model
+    assert means[0] == pytest.approx(results["pixnet"].summary["pcc_m"])
+    assert ax.get_title() == "gene-wise PCC (6 genes)\nundefined as −1: pixnet 1"  # its constant gene
+    ax = st.pl.gene_scores(results, kind="rank", dpi=DPI, show=False)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["pixnet", "ridge"]
+    np.testing.assert_allclose(lines["ridge"].get_ydata(), np.sort(pcc["ridge"])[::-1])  # best first
+    np.testing.assert_allclose(lines["ridge"].get_xdata(), np.arange(1, 7))
+    ax = st.pl.gene_scores(results, metric="mse", kind="rank", dpi=DPI, show=False)
+    mse = results["pixnet"].per_gene["mse"].to_numpy()
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), np.sort(mse))  # lowest error first
+    ax = st.pl.gene_scores(results, kind="hist", nan_policy="omit", bins=5, dpi=DPI, show=False)
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels == ["pixnet", "ridge"]
+    raw = {k: r.per_gene["pcc"].to_numpy() for k, r in results.items()}
+    kept = {k: v[np.isfinite(v)] for k, v in raw.items()}  # the undefined gene is left out with "omit"
+    edges = np.histogram_bin_edges(np.concatenate(list(kept.values())), bins=5)
+    for patch, name in zip(ax.patches, ["pixnet", "ridge"], strict=True):  # one outline per model, shared bins
+        counts = np.histogram(kept[name], bins=edges)[0]
+        outline = patch.get_xy()
+        np.testing.assert_allclose(np.unique(outline[:, 0]), edges)
+        assert outline[:, 1].max() == counts.max()
+    with pytest.raises(InputError, match="kind must be"):
+        st.pl.gene_scores(results, kind="violin", show=False)
+    with pytest.raises(KeyError, match="in result 'ridge'"):
+        st.pl.gene_scores({"pixnet": results["pixnet"].per_gene, "ridge": results["ridge"].per_gene[["mse"]]})
+    with pytest.raises(InputError, match="EvaluationResult or its per_gene"):
+        st.pl.gene_scores({"x": [0.1, 0.2]}, show=False)
+
+
+def test_scale_curve_models_from_a_mapping_and_duplicates():
+    pixnet = pd.DataFrame({"bin_size_um": [8, 16, 55], "metric": "pcc_m", "value": [0.2, 0.3, 0.5]})
+    ridge = pd.DataFrame({"bin_size_um": [16, 8, 55], "metric": "pcc_m", "value": [0.2, 0.1, 0.4]})
+    ax = st.pl.scale_curve({"PixNet": pixnet, "ridge": ridge}, dpi=DPI, show=False)
+    lines = ax.get_lines()
+    assert [ln.get_label() for ln in lines] == ["PixNet PCC@M", "ridge PCC@M"]
+    np.testing.assert_allclose(lines[1].get_xdata(), [8, 16, 55])
+    np.testing.assert_allclose(lines[1].get_ydata(), [0.1, 0.2, 0.4])
+    assert lines[0].get_color() != lines[1].get_color()
+    both = pd.concat([pixnet, ridge])
+    with pytest.raises(InputError, match="hue="):
+        st.pl.scale_curve(both, show=False)
+
+
+@pytest.mark.mpl_image_compare(baseline_dir="baseline", tolerance=TOL, style="default")
+def test_image_gene_scores_box(rng):
+    return st.pl.gene_scores(_two_models(rng), figsize=(3.0, 2.5), dpi=DPI, show=False).figure
+
+
+@pytest.mark.mpl_image_compare(baseline_dir="baseline", tolerance=TOL, style="default")
+def test_image_scale_curve_two_models():
+    rows = [
+        {"model": m, "bin_size_um": b, "metric": k, "value": v + (0.1 if k == "pcc_s" else 0.0)}
+        for m, base in (("PixNet", 0.3), ("MagNet", 0.2))
+        for k in ("pcc_m", "pcc_s")
+        for b, v in ((8, base), (16, base + 0.1), (55, base + 0.25))
+    ]
+    table = pd.DataFrame(rows)
+    ax = st.pl.scale_curve(table, metrics=["pcc_m", "pcc_s"], hue="model", figsize=(3.5, 2.5), dpi=DPI, show=False)
+    return ax.figure
+
+
 def test_import_pl_does_not_import_matplotlib():
     code = "import sys, stpredict.pl; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
-def test_show_and_save_follow_scanpy(tmp_path, monkeypatch, rng):
+def test_show_and_save_follow_scanpy(tmp_path, monkeypatch, rng, make_sdata):
     import matplotlib.pyplot as plt
 
     shown = []
     monkeypatch.setattr(plt, "show", lambda *args, **kwargs: shown.append(plt.get_fignums()))
-    sdata, _ = _sdata()
-    assert st.pl.dense_maps(sdata, "he_pixnet", genes="A", dpi=DPI) is None  # shown by default, nothing returned
+    sdata, _ = make_sdata()
+    assert st.pl.gene_map(sdata, "A", dpi=DPI) is None  # shown by default, nothing returned
     assert len(shown) == 1
     assert len(shown[0]) == 1
     plt.close("all")
     path = tmp_path / "figures" / "map.png"
-    fig = st.pl.dense_maps(sdata, "he_pixnet", genes="A", dpi=DPI, save=path)
+    fig = st.pl.gene_map(sdata, "A", dpi=DPI, save=path)
     assert isinstance(fig, Figure)
     assert len(shown) == 1  # a saved figure is not shown unless asked
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -204,5 +197,5 @@ def test_show_and_save_follow_scanpy(tmp_path, monkeypatch, rng):
     assert st.pl.predicted_vs_measured(pred, truth, gene="g2", ax=ax) is ax  # into the caller's axes: not shown
     assert len(shown) == 2
     with pytest.raises(InputError, match="suffix"):
-        st.pl.dense_maps(sdata, "he_pixnet", genes="A", save=tmp_path / "map")
+        st.pl.gene_map(sdata, "A", save=tmp_path / "map")
     plt.close("all")

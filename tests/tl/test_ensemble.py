@@ -43,7 +43,7 @@ def _sdata(n_members=3, seed=0, shape=(40, 60)):
 
 def test_mean_and_sd_maps_match_numpy_and_keep_the_contract():
     sdata, maps = _sdata()
-    st.tl.ensemble_maps(sdata, ["m0", "m1", "m2"], key_added="ens")
+    st.tl.ensemble_maps(sdata, map_keys=["m0", "m1", "m2"], key_added="ens")
     mean = scale_levels(sdata.images["ens"])[0]
     sd = scale_levels(sdata.images["ens_sd"])[0]
     np.testing.assert_allclose(mean.values, maps.mean(0), rtol=1e-6, atol=1e-6)
@@ -55,7 +55,7 @@ def test_mean_and_sd_maps_match_numpy_and_keep_the_contract():
     assert meta["ensemble"] == {"members": ["m0", "m1", "m2"], "statistic": "sd", "ddof": 1}
     assert get_element_meta(sdata, "ens")["ensemble"]["statistic"] == "mean"
 
-    st.tl.ensemble_maps(sdata, ["m0", "m1"], ddof=0, key_added="pop")
+    st.tl.ensemble_maps(sdata, map_keys=["m0", "m1"], ddof=0, key_added="pop")
     np.testing.assert_allclose(
         scale_levels(sdata.images["pop_sd"])[0].values, np.abs(maps[0] - maps[1]) / 2, rtol=1e-5, atol=1e-6
     )
@@ -63,7 +63,7 @@ def test_mean_and_sd_maps_match_numpy_and_keep_the_contract():
 
 def test_ensemble_maps_aggregate_like_any_map():
     sdata, maps = _sdata()
-    st.tl.ensemble_maps(sdata, ["m0", "m1", "m2"])  # default key from the image: he_ensemble
+    st.tl.ensemble_maps(sdata, map_keys=["m0", "m1", "m2"])  # default key from the image: he_ensemble
     table = st.tl.aggregate(sdata, "he_ensemble_sd", bin_size=8.0, tissue_key=False, inplace=False)
     # 8 µm bins = 8 map px at 1 µm per map px: the mean of the pixel sds of each 8 × 8 block
     sd = maps.std(0, ddof=1)
@@ -84,7 +84,7 @@ def test_bad_input_is_refused_before_any_write(keys, kwargs, match):
     sdata, _ = _sdata()
     before = set(sdata.images)
     with pytest.raises(InputError, match=match):
-        st.tl.ensemble_maps(sdata, keys, **kwargs)
+        st.tl.ensemble_maps(sdata, map_keys=keys, **kwargs)
     assert set(sdata.images) == before
 
 
@@ -94,16 +94,16 @@ def test_members_must_be_maps_of_one_image_with_the_same_genes():
     sdata, maps = _sdata()
     sdata.images["other_genes"] = Image2DModel.parse(maps[0][::-1].copy(), dims=("c", "y", "x"), c_coords=GENES[::-1])
     with pytest.raises(InputError, match="different genes"):
-        st.tl.ensemble_maps(sdata, ["m0", "other_genes"])
+        st.tl.ensemble_maps(sdata, map_keys=["m0", "other_genes"])
     sdata.images["small"] = Image2DModel.parse(maps[0][:, :20], dims=("c", "y", "x"), c_coords=GENES)
     with pytest.raises(InputError, match="differ in shape"):
-        st.tl.ensemble_maps(sdata, ["m0", "small"])
+        st.tl.ensemble_maps(sdata, map_keys=["m0", "small"])
     sdata.images["unscaled"] = Image2DModel.parse(maps[0], dims=("c", "y", "x"), c_coords=GENES)
     with pytest.raises(InputError, match="placed differently"):
-        st.tl.ensemble_maps(sdata, ["m0", "unscaled"])
+        st.tl.ensemble_maps(sdata, map_keys=["m0", "unscaled"])
     set_element_meta(sdata, "m2", sdata.images["m2"], {"value_kind": "density", "image_key": "he"})
     with pytest.raises(InputError, match="one kind"):
-        st.tl.ensemble_maps(sdata, ["m0", "m2"])
+        st.tl.ensemble_maps(sdata, map_keys=["m0", "m2"])
 
 
 # ------------------------------------------------------------------------------------------------ uncertainty
@@ -128,7 +128,7 @@ def test_uncertainty_scores_match_a_hand_computation():
     from scipy.stats import pearsonr, spearmanr
 
     pred_t, sd_t, truth_t, (pred, sd, truth) = _tables()
-    out = st.tl.evaluate_uncertainty(pred_t, sd_t, truth_t, confident_fraction=0.5)
+    out = st.tl.evaluate_uncertainty(pred_t, truth_t, sd=sd_t, confident_fraction=0.5)
     assert list(out.index) == [*GENES, "mean"]
     for j, g in enumerate(GENES[:2]):
         assert out.loc[g, "spearman_sd_error"] == pytest.approx(spearmanr(sd[:, j], np.abs(pred - truth)[:, j])[0])
@@ -146,17 +146,17 @@ def test_uncertainty_scores_match_a_hand_computation():
 def test_an_uninformative_sd_scores_near_zero():
     pred_t, sd_t, truth_t, _ = _tables()
     sd_t.X = np.random.default_rng(5).permutation(sd_t.X)  # the sd of other units
-    out = st.tl.evaluate_uncertainty(pred_t, sd_t, truth_t)
+    out = st.tl.evaluate_uncertainty(pred_t, truth_t, sd=sd_t)
     assert abs(out.loc["mean", "spearman_sd_error"]) < 0.1
 
 
 def test_uncertainty_bad_input():
     pred_t, sd_t, truth_t, _ = _tables()
     with pytest.raises(InputError, match="same units and genes"):
-        st.tl.evaluate_uncertainty(pred_t, sd_t[::-1].copy(), truth_t)
+        st.tl.evaluate_uncertainty(pred_t, truth_t, sd=sd_t[::-1].copy())
     neg = sd_t.copy()
     neg.X[0, 0] = -1
     with pytest.raises(InputError, match="negative"):
-        st.tl.evaluate_uncertainty(pred_t, neg, truth_t)
+        st.tl.evaluate_uncertainty(pred_t, truth_t, sd=neg)
     with pytest.raises(InputError, match="confident_fraction"):
-        st.tl.evaluate_uncertainty(pred_t, sd_t, truth_t, confident_fraction=0)
+        st.tl.evaluate_uncertainty(pred_t, truth_t, sd=sd_t, confident_fraction=0)

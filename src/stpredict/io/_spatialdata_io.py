@@ -183,6 +183,7 @@ def read_xenium(
     source_image_key: str = "he_image",
     um_per_px: float | None = None,
     image_key: str = Keys.image,
+    cells_as_circles: bool = True,
     **kwargs: Any,
 ) -> SpatialData:
     """Read a Xenium output folder with :func:`spatialdata_io.xenium`, keeping the aligned H&E as ``image_key``.
@@ -203,8 +204,13 @@ def read_xenium(
         Override the pixel size.
     image_key
         Name of the H&E image in the result.
+    cells_as_circles
+        Make the table annotate circles of the cells' areas (spatialdata-io's ``cells_as_circles``). The default
+        here is ``True``: training (:meth:`stpredict.models.PixNet.fit`) needs the cells as shapes, and with
+        ``False`` the table annotates the cell labels instead (which :func:`stpredict.tl.aggregate` can use with
+        ``labels_key=``).
     kwargs
-        Passed to :func:`spatialdata_io.xenium` (e.g. ``cells_as_circles=True``, ``transcripts=True``).
+        Passed to :func:`spatialdata_io.xenium` (e.g. ``transcripts=True``).
 
     Returns
     -------
@@ -219,6 +225,7 @@ def read_xenium(
     """
     import spatialdata_io
 
+    kwargs = {**kwargs, "cells_as_circles": cells_as_circles}
     check_xenium_layout(
         Path(path), options=reader_options(spatialdata_io.xenium, kwargs), source_image_key=source_image_key
     )

@@ -1,6 +1,6 @@
-"""Plotting: dense maps over H&E, predicted vs measured, metric distributions, scale curves.
+"""Plotting: gene maps over H&E, tables side by side, predicted vs measured, scores, scale and training curves.
 
-Every function returns its matplotlib Figure or Axes and imports matplotlib only when called.
+Every function returns its matplotlib Figure or Axes (``None`` when shown) and imports matplotlib only when called.
 """
 
 from __future__ import annotations
@@ -10,13 +10,17 @@ from typing import TYPE_CHECKING
 import lazy_loader
 
 if TYPE_CHECKING:
-    from ._dense import dense_maps
+    from ._compare import compare
     from ._evaluation import gene_scores, predicted_vs_measured, scale_curve
+    from ._maps import gene_map
+    from ._training import training_curves
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "_dense": ["dense_maps"],
+        "_compare": ["compare"],
         "_evaluation": ["gene_scores", "predicted_vs_measured", "scale_curve"],
+        "_maps": ["gene_map"],
+        "_training": ["training_curves"],
     },
 )

@@ -82,6 +82,17 @@ def predicted_vs_measured(
     Returns
     -------
     The axes; x = measured, y = predicted.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> import stpredict as st
+    >>> rng = np.random.default_rng(0)
+    >>> truth = ad.AnnData(rng.normal(size=(50, 3)))
+    >>> pred = ad.AnnData(truth.X + rng.normal(scale=0.5, size=truth.shape))
+    >>> ax = st.pl.predicted_vs_measured(pred, truth, gene="1", show=False)
+    >>> ax.get_title().startswith("1: PCC = 0.")
+    True
     """
     for side, adata in (("prediction", pred), ("truth", truth)):
         if gene not in adata.var_names:
@@ -178,7 +189,8 @@ def gene_scores(
 
     Returns
     -------
-    The axes. ``"box"``: one box per model at x = 1, 2, ... labelled with the model names. ``"hist"``: one
+    The axes. ``"box"``: one box per model at x = 1, 2, ... labelled with the model names (the median and mean
+    artists have gids ``"median <name>"``, ``"mean <name>"``). ``"hist"``: one
     histogram per model (labelled with its name), and for one model three vertical lines labelled ``PCC@F``,
     ``PCC@S``, ``PCC@M`` with their values. ``"rank"``: one line per model labelled with its name, y = its sorted
     scores.
@@ -211,7 +223,7 @@ def gene_scores(
     single = len(scores) == 1
     if kind == "box":
         data = [s["values"] for s in scores.values()]
-        ax.boxplot(
+        parts = ax.boxplot(
             data,
             positions=np.arange(1, len(data) + 1),
             widths=0.6,
@@ -219,6 +231,9 @@ def gene_scores(
             meanprops={"marker": "o", "markerfacecolor": "white", "markeredgecolor": "black"},
             flierprops={"markersize": 3},
         )
+        for name, median, mean in zip(scores, parts["medians"], parts["means"], strict=True):
+            median.set_gid(f"median {name}".strip())
+            mean.set_gid(f"mean {name}".strip())
         ax.set_xticks(np.arange(1, len(data) + 1))
         ax.set_xticklabels(list(scores) if not single or next(iter(scores)) else [label])
         ax.set_ylabel(f"gene-wise {label}")
@@ -235,7 +250,8 @@ def gene_scores(
             summary = pcc_summary(pooled, nan_policy="propagate")
             styles = {"pcc_f": ("tab:blue", ":"), "pcc_s": ("tab:orange", "--"), "pcc_m": ("tab:red", "-")}
             for key, (color, ls) in styles.items():
-                ax.axvline(summary[key], color=color, ls=ls, lw=1.5, label=f"{label}@{key[-1].upper()} = {summary[key]:.3f}")
+                line_label = f"{label}@{key[-1].upper()} = {summary[key]:.3f}"
+                ax.axvline(summary[key], color=color, ls=ls, lw=1.5, label=line_label)
         ax.set_xlabel(f"gene-wise {label} across units")
         ax.set_ylabel("genes")
     else:
@@ -249,9 +265,12 @@ def gene_scores(
     if kind != "box" and (not single or kind == "hist") and ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize="small")
     n_genes = max(s["n"] for s in scores.values())
-    n_nan = sum(s["n_nan"] for s in scores.values() if s["policy"] == "minus_one")
-    note = f"; {n_nan} undefined as −1" if n_nan else ""
-    ax.set_title(f"gene-wise {label} ({n_genes} genes{note})")
+    undefined = {name: s["n_nan"] for name, s in scores.items() if s["policy"] == "minus_one" and s["n_nan"]}
+    if single:
+        note = f"\n{sum(undefined.values())} undefined as −1" if undefined else ""
+    else:
+        note = "\nundefined as −1: " + ", ".join(f"{k} {v}" for k, v in undefined.items()) if undefined else ""
+    ax.set_title(f"gene-wise {label} ({n_genes} genes){note}", fontsize="medium")
     return finish(ax.figure, ax, show=show, save=save, dpi=dpi)
 
 
@@ -292,6 +311,16 @@ def scale_curve(
     Returns
     -------
     The axes, one line per metric (× hue level), labelled ``"<metric>"`` or ``"<hue level> <metric>"``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> import stpredict as st
+    >>> pixnet = pd.DataFrame({"bin_size_um": [8, 16, 55], "metric": "pcc_m", "value": [0.2, 0.3, 0.5]})
+    >>> ridge = pd.DataFrame({"bin_size_um": [8, 16, 55], "metric": "pcc_m", "value": [0.1, 0.2, 0.4]})
+    >>> ax = st.pl.scale_curve({"PixNet": pixnet, "ridge": ridge}, show=False)
+    >>> [line.get_label() for line in ax.get_lines()]
+    ['PixNet PCC@M', 'ridge PCC@M']
     """
     import pandas as pd
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stpredict._errors import InputError
-from stpredict._geometry import scale_levels, to_um_affine
+from stpredict._geometry import is_calibrated, scale_levels, to_um_affine
 from stpredict._keys import Attrs
 from stpredict._meta import get_element_meta
 
@@ -93,7 +93,7 @@ def _check_map(sdata: SpatialData, image_key: str, genes: Any, reduce: str | Non
         raise InputError(msg)
     to_um = None
     px_area = None
-    if need_um or kind == Attrs.density:
+    if need_um or kind == Attrs.density or is_calibrated(sdata, image_key):  # area_um2 whenever it is known
         to_um = to_um_affine(sdata, image_key)
         px_area = float(abs(np.linalg.det(to_um[:2, :2])))
     raster = _Raster.of(level.data, None if genes is None else index)

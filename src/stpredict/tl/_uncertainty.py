@@ -23,9 +23,9 @@ __all__ = ["evaluate_uncertainty"]
 
 def evaluate_uncertainty(
     pred: AnnData | str,
-    sd: AnnData | str,
     truth: AnnData | str,
     *,
+    sd: AnnData | str,
     sdata: SpatialData | None = None,
     genes: Sequence[str] | None = None,
     match: Match = "auto",
@@ -54,10 +54,10 @@ def evaluate_uncertainty(
     ----------
     pred
         Predicted table (the ensemble mean aggregated into units), or its key in ``sdata.tables``.
-    sd
-        Standard-deviation table over the same units and genes as ``pred`` (the sd map aggregated like the mean).
     truth
         Measured or ground-truth table, or its key in ``sdata.tables``.
+    sd
+        Standard-deviation table over the same units and genes as ``pred`` (the sd map aggregated like the mean).
     sdata
         The SpatialData whose tables the keys name.
     genes
@@ -84,7 +84,7 @@ def evaluate_uncertainty(
     if not 0 < confident_fraction <= 1:
         msg = f"confident_fraction must be in (0, 1], got {confident_fraction}."
         raise InputError(msg)
-    call = "st.tl.evaluate_uncertainty(pred, sd, truth, sdata=sdata)"
+    call = "st.tl.evaluate_uncertainty(pred, truth, sd=sd, sdata=sdata)"
     pred = get_table(pred, sdata, name="pred", call=call)
     sd = get_table(sd, sdata, name="sd", call=call)
     truth = get_table(truth, sdata, name="truth", call=call)
