@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stpredict._elements import quiet_zarr_writes
 from stpredict._logging import get_logger
 from stpredict._outputs import output_folder
 
@@ -248,7 +249,8 @@ def _run(
 
     t = begin("write zarr + figure")
     _figure(test, map_key, genes[:3]).savefig(out / "demo.png", dpi=100, bbox_inches="tight")
-    test.write(out / "demo.zarr")
+    with quiet_zarr_writes():
+        test.write(out / "demo.zarr")
     metrics.to_csv(out / "metrics.csv", index=False)
     tick("write zarr + figure", t)
     (out / "summary.json").write_text(json.dumps({"timings_s": timings}, indent=2))

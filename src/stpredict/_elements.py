@@ -14,10 +14,16 @@ work; only when all keys pass does it compute, and then it writes them together 
   the store but not in memory are checked the same way.
 
 One error lists every collision of the call, the existing element and its type, and the fix.
+
+Every write to zarr runs inside :func:`quiet_zarr_writes`, which silences the one third-party warning that such a
+write repeats for every array and that a user cannot act on.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,11 +31,11 @@ from ._errors import InputError
 from ._logging import get_logger
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
     from spatialdata import SpatialData
 
-__all__ = ["ELEMENT_TYPES", "ElementType", "add_elements", "check_new_elements"]
+__all__ = ["ELEMENT_TYPES", "ElementType", "add_elements", "check_new_elements", "quiet_zarr_writes"]
 
 logger = get_logger(__name__)
 
@@ -171,3 +177,21 @@ def add_elements(sdata: SpatialData, elements: Mapping[str, tuple[ElementType, A
         if key in group:
             logger.info("Replaced sdata.%s[%r].", kind, key)
         group[key] = element
+
+
+#: anndata (0.12) warns once per array of every table it writes to zarr v3 while ``anndata.settings.auto_shard_zarr_v3``
+#: is unset: about 15 times per table, announcing a future default; nothing in the message is about the write at hand.
+ZARR_AUTOSHARD_WARNING = re.escape("zarr v3 autosharding will be the default")
+
+
+@contextmanager
+def quiet_zarr_writes() -> Iterator[None]:
+    """Silence anndata's "zarr v3 autosharding will be the default" :class:`UserWarning` inside the block.
+
+    Wrap every write of stpredict to zarr (``SpatialData.write``, ``write_element``) in it. Only that message is
+    ignored; every other warning passes, and a user who sets ``anndata.settings.auto_shard_zarr_v3`` gets what
+    they chose (anndata then does not warn). :func:`warnings.catch_warnings` restores the filters on exit.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=ZARR_AUTOSHARD_WARNING, category=UserWarning)
+        yield

@@ -180,25 +180,71 @@ def test_subset_genes_keeps_var_when_all_present():
     assert list(out.var["symbol"]) == ["B", "A"]
 
 
-@pytest.mark.slow
-def test_highly_variable_matches_scanpy():
+def _spatially_variable_counts(rng: np.random.Generator, n_units: int, n_genes: int = 60) -> np.ndarray:
+    """Poisson counts; genes 0-9 are raised, 3 to 8 times, in a domain of about 30 % of the units."""
+    lam = np.outer(rng.gamma(4.0, 0.25, n_units), rng.gamma(1.0, 3.0, n_genes))
+    domain = rng.random(n_units) < 0.3
+    lam[domain, :10] *= np.linspace(3, 8, 10)
+    counts = rng.poisson(lam).astype(np.float32)
+    counts[:, 50] = 0  # a gene never detected
+    return counts
+
+
+GENES60 = [f"g{i:02d}" for i in range(60)]
+
+
+@pytest.mark.parametrize("n_top", [5, 12, 40])
+def test_highly_variable_is_scanpy_with_one_batch_per_section(n_top):
     import scanpy as sc
 
     rng = np.random.default_rng(3)
-    n_genes = 60
-    means = rng.gamma(1.0, 3.0, n_genes)
-    domains = rng.random(200) < 0.3
-    lam = np.outer(np.ones(200), means)
-    lam[domains, :10] *= rng.uniform(1, 8, 10)  # genes 0-9 vary spatially, by different amounts
-    counts = rng.poisson(lam).astype(np.float32)
-    counts[:, 50] = 0  # a gene never detected
-    genes = [f"g{i:02d}" for i in range(n_genes)]
-    batches = [table(counts[:120], genes), table(counts[120:], genes)]
+    batches = [table(_spatially_variable_counts(rng, 100), GENES60) for _ in range(2)]  # equal sizes: see below
     pooled = ad.concat(batches, index_unique="-")
-    pooled.obs["section"] = pd.Categorical(["0"] * 120 + ["1"] * 80)
-    for n_top in (5, 12):
-        expected = sc.experimental.pp.highly_variable_genes(
-            pooled, flavor="pearson_residuals", n_top_genes=n_top, batch_key="section", inplace=False
-        )
-        ours = st.pp.select_genes(batches, n_top=n_top, method="highly_variable")
-        assert sorted(ours) == sorted(expected.index[expected["highly_variable"]])
+    pooled.obs["section"] = pd.Categorical(["0"] * 100 + ["1"] * 100)
+    expected = sc.experimental.pp.highly_variable_genes(
+        pooled, flavor="pearson_residuals", n_top_genes=n_top, batch_key="section", inplace=False
+    )
+    ours = st.pp.select_genes(batches, n_top=n_top, method="highly_variable")
+    assert set(ours) == set(expected.index[expected["highly_variable"]])
+    # best first, in scanpy's order: sections in which a gene is in the top n_top, then its median rank there
+    best_first = expected.sort_values(
+        ["highly_variable_nbatches", "highly_variable_rank"], ascending=[False, True], kind="stable"
+    )
+    assert ours == list(best_first.index[:n_top])
+    assert set(ours[:5]) <= set(GENES60[:10])  # spatially variable genes lead
+
+
+def test_highly_variable_one_section_ranks_by_scanpy_residual_variance():
+    import scanpy as sc
+
+    t = table(_spatially_variable_counts(np.random.default_rng(5), 80), GENES60)
+    expected = sc.experimental.pp.highly_variable_genes(t, flavor="pearson_residuals", n_top_genes=8, inplace=False)
+    by_variance = expected["residual_variances"].sort_values(ascending=False, kind="stable")
+    assert st.pp.select_genes(t, n_top=8, method="highly_variable") == list(by_variance.index[:8])
+
+
+def test_highly_variable_clips_each_section_by_its_own_size():
+    """Scanpy's ``batch_key`` clips all batches at sqrt(n) of the first one (scverse/scanpy#4138); we do not."""
+    import scanpy as sc
+
+    rng = np.random.default_rng(11)
+    big = table(_spatially_variable_counts(rng, 300), GENES60)
+    small = table(_spatially_variable_counts(rng, 12), GENES60)
+    genes = st.pp.select_genes([big, small], n_top=10, method="highly_variable")
+    assert st.pp.select_genes([small, big], n_top=10, method="highly_variable") == genes  # order of sections is moot
+    assert st.pp.select_genes({"b": small, "a": big}, n_top=10, method="highly_variable") == genes
+    # each section's variances are scanpy's for that section alone (clip sqrt(12) for the small one)
+    per_section = [
+        sc.experimental.pp.highly_variable_genes(t, flavor="pearson_residuals", n_top_genes=10, inplace=False)
+        for t in (big, small)
+    ]
+    tops = [set(df.index[df["highly_variable"]]) for df in per_section]
+    both = tops[0] & tops[1]
+    assert both <= set(genes)  # genes in the top 10 of both sections come first
+    assert set(genes) <= tops[0] | tops[1]
+
+
+def test_highly_variable_without_units_is_refused():
+    empty = table(np.zeros((0, 3)), ["a", "b", "c"])
+    with pytest.raises(InputError, match="no units"):
+        st.pp.select_genes(empty, n_top=1, method="highly_variable")

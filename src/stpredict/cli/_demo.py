@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from ._common import EXIT_OK, Progress, add_command
@@ -74,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress("demo", quiet=args.quiet)
     if not args.quiet:
         st.settings.verbosity = "info"  # the demo's steps are logged as they start and end
-    # zarr announces a future default on every array it writes; it says nothing about this run
-    warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
 
     config = DemoConfig(seed=args.seed, value_kind=args.value_kind)
     if args.quick:

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stpredict._elements import quiet_zarr_writes
 from stpredict._errors import InputError
 
 from ._common import EXIT_OK, Progress, add_command, read_store
@@ -260,7 +261,8 @@ def _aggregate(args: argparse.Namespace) -> int:
         for kind, key in changed:  # the bins' shapes before the table that annotates them
             if (kind, key) in on_disk:  # --overwrite (checked above); spatialdata replaces only what is not stored
                 sdata.delete_element_from_disk(key)
-            sdata.write_element(key)
+            with quiet_zarr_writes():
+                sdata.write_element(key)
         written += changed
     for kind, key in written:
         if kind == "tables":

@@ -208,9 +208,9 @@ def _residual_variances(counts: Any) -> np.ndarray:
 
     :func:`scanpy.experimental.pp.highly_variable_genes` (``flavor="pearson_residuals"``, no batches): residuals
     clipped at ``±sqrt(n_units)`` (Lause et al. 2021), genes without counts give 0. Scanpy's numba kernel makes one
-    pass over the sparse counts per gene; it replaced a NumPy copy that took 19 s, against scanpy's 7-13 s, on
-    three sections of 20,000 units × 5,000 genes, and needed a dense units × 2,048 float64 block (8 GB for a
-    500,000-bin Visium HD section).
+    pass over the sparse counts per gene. It replaced a NumPy copy that chose the same genes but took 19-29 s
+    where scanpy takes 7-15 s (three sections of 20,000 units × 5,000 genes, 2 busy cores), and that needed a
+    dense units × 2,048 float64 block (8 GB for a 500,000-bin Visium HD section).
     """
     import anndata as ad
     import scanpy as sc

@@ -84,7 +84,8 @@ def ensemble_maps(
     >>> for seed in range(3):  # doctest: +SKIP
     ...     model = st.models.PixNet(genes, seed=seed).fit(train)
     ...     st.tl.predict_dense(sdata, model, key_added=f"he_pixnet_{seed}")
-    >>> st.tl.ensemble_maps(sdata, map_keys=[f"he_pixnet_{s}" for s in range(3)], key_added="he_pixnet")  # doctest: +SKIP
+    >>> members = [f"he_pixnet_{s}" for s in range(3)]  # doctest: +SKIP
+    >>> st.tl.ensemble_maps(sdata, map_keys=members, key_added="he_pixnet")  # doctest: +SKIP
     >>> sorted(k for k in sdata.images if k.startswith("he_pixnet"))[:2]  # doctest: +SKIP
     ['he_pixnet', 'he_pixnet_0']
     >>> st.tl.aggregate(sdata, "he_pixnet_sd", shapes_key="spots", key_added="spots_sd")  # doctest: +SKIP

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stpredict._elements import quiet_zarr_writes
 from stpredict._errors import InputError
 from stpredict._logging import get_logger
 
@@ -176,7 +177,8 @@ def install_element(sdata: SpatialData, key: str, element: Any, *, staging: Path
     stage = staging / "stage.zarr"
     if stage.exists():
         shutil.rmtree(stage)
-    SpatialData(images={key: element}).write(stage, consolidate_metadata=False)
+    with quiet_zarr_writes():
+        SpatialData(images={key: element}).write(stage, consolidate_metadata=False)
     target = root / "images" / key
     zarr.open_group(root, mode="r+").require_group("images")
     trash = staging / "replaced"
