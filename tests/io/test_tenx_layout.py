@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from _tenx_files import write_10x_h5
 from PIL import Image
 
 from stpredict._errors import InputError
@@ -156,24 +157,6 @@ def test_visium_image_options_checked_before_reading(visium_copy, tmp_path):
 # --------------------------------------------------------------------------- Visium HD
 
 
-def _write_10x_h5(path, counts, barcodes, genes):
-    from scipy import sparse
-
-    matrix = sparse.csc_matrix(counts.T)  # genes × barcodes, as Cell Ranger writes it
-    with h5py.File(path, "w") as f:
-        group = f.create_group("matrix")
-        group["barcodes"] = np.array(barcodes, dtype="S")
-        group["data"] = matrix.data.astype(np.int32)
-        group["indices"] = matrix.indices.astype(np.int64)
-        group["indptr"] = matrix.indptr.astype(np.int64)
-        group["shape"] = np.array(matrix.shape, dtype=np.int32)
-        features = group.create_group("features")
-        features["id"] = np.array([f"ENSG{i}" for i in range(len(genes))], dtype="S")
-        features["name"] = np.array(genes, dtype="S")
-        features["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
-        features["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
-
-
 def _write_image(path, shape):
     Image.fromarray(np.full((*shape, 3), 200, np.uint8)).save(path)
 
@@ -197,7 +180,7 @@ def hd_folder(tmp_path):
         side, px = 400 // (2 * size), 2.0 * size
         rows, cols = np.divmod(np.arange(side * side), side)
         barcodes = [f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)]
-        _write_10x_h5(
+        write_10x_h5(
             folder / "filtered_feature_bc_matrix.h5", rng.poisson(2.0, (side * side, 3)), barcodes, list("ABC")
         )
         pd.DataFrame(

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from _tenx_files import write_10x_h5
 from PIL import Image
 
 import stpredict as st
@@ -29,26 +30,6 @@ def _quiet(reader, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return reader(*args, **kwargs)
-
-
-def _write_10x_h5(path, counts: np.ndarray, barcodes: list[str], genes: list[str]) -> None:
-    """A Space Ranger / Cell Ranger feature-barcode matrix (HDF5, CSC genes × barcodes)."""
-    from scipy import sparse
-
-    matrix = sparse.csc_matrix(counts.T)
-    with h5py.File(path, "w") as f:
-        group = f.create_group("matrix")
-        group["barcodes"] = np.array(barcodes, dtype="S")
-        group["data"] = matrix.data.astype(np.int32)
-        group["indices"] = matrix.indices.astype(np.int64)
-        group["indptr"] = matrix.indptr.astype(np.int64)
-        group["shape"] = np.array(matrix.shape, dtype=np.int32)
-        features = group.create_group("features")
-        features["id"] = np.array([f"ENSG{i:011d}" for i in range(len(genes))], dtype="S")
-        features["name"] = np.array(genes, dtype="S")
-        features["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
-        features["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
-        features["_all_tag_keys"] = np.array([b"genome"])
 
 
 def _rgb(sdata) -> np.ndarray:
@@ -87,7 +68,7 @@ def visium_outs(visium_section, tmp_path_factory):
     spatial.mkdir(parents=True)
     table = visium_section.tables["table"]
     barcodes = [f"AAAC{i:08d}-1" for i in range(table.n_obs)]
-    _write_10x_h5(root / "filtered_feature_bc_matrix.h5", _counts(visium_section), barcodes, list(table.var_names))
+    write_10x_h5(root / "filtered_feature_bc_matrix.h5", _counts(visium_section), barcodes, list(table.var_names))
     xy = table.obsm["spatial"]  # full-resolution pixels (x, y)
     pd.DataFrame(
         {
@@ -181,7 +162,7 @@ def hd_outs(hd_section, tmp_path_factory):
     barcodes = [f"s_008um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)]
     folder = root / "binned_outputs" / "square_008um"
     (folder / "spatial").mkdir(parents=True)
-    _write_10x_h5(folder / "filtered_feature_bc_matrix.h5", _counts(hd_section), barcodes, list(table.var_names))
+    write_10x_h5(folder / "filtered_feature_bc_matrix.h5", _counts(hd_section), barcodes, list(table.var_names))
     xy = table.obsm["spatial"]
     pd.DataFrame(
         {

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from _tenx_files import write_10x_h5
 
 import stpredict as st
 from stpredict._geometry import affine_between, apply_affine, scale_levels, to_um_affine, um_per_px
@@ -50,26 +50,6 @@ def _counts(sdata) -> np.ndarray:
 
 def _rgb(sdata) -> np.ndarray:
     return np.asarray(scale_levels(sdata.images["he"])[0].values).transpose(1, 2, 0)
-
-
-def _write_10x_h5(path, counts: np.ndarray, barcodes: list[str], features: dict[str, str]) -> None:
-    """A Xenium cell-feature matrix (10x HDF5, CSC features × cells): genes and control probes with their types."""
-    from scipy import sparse
-
-    matrix = sparse.csc_matrix(counts.T)
-    with h5py.File(path, "w") as f:
-        group = f.create_group("matrix")
-        group["barcodes"] = np.array(barcodes, dtype="S")
-        group["data"] = matrix.data.astype(np.int32)
-        group["indices"] = matrix.indices.astype(np.int64)
-        group["indptr"] = matrix.indptr.astype(np.int64)
-        group["shape"] = np.array(matrix.shape, dtype=np.int32)
-        group_f = group.create_group("features")
-        group_f["id"] = np.array(list(features), dtype="S")
-        group_f["name"] = np.array(list(features), dtype="S")
-        group_f["feature_type"] = np.array(list(features.values()), dtype="S")
-        group_f["genome"] = np.array(["Unknown"] * len(features), dtype="S")
-        group_f["_all_tag_keys"] = np.array([b"genome"])
 
 
 def _write_cells_zarr(path, cell_id: np.ndarray, nuclei: np.ndarray, cells: np.ndarray) -> None:
@@ -206,11 +186,15 @@ def xenium_outs(section, tmp_path_factory):
     counts = _counts(section)
     controls = rng.poisson(0.2, (n, len(CONTROLS)))
     matrix = np.hstack([counts, controls])
-    _write_10x_h5(
+    features = dict.fromkeys(genes, "Gene Expression") | CONTROLS  # name → feature type
+    write_10x_h5(
         root / "cell_feature_matrix.h5",
         matrix,
         [str(i) for i in cell_id],
-        dict.fromkeys(genes, "Gene Expression") | CONTROLS,
+        list(features),
+        ids=list(features),
+        feature_types=list(features.values()),
+        genome="Unknown",
     )
     pd.DataFrame(
         {
