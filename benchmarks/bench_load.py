@@ -44,7 +44,7 @@ BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n  
 def _demo_training(quick: bool, epochs: int | None) -> tuple[Any, Any, dict[str, Any]]:
     """The demo's training set-up (as ``stpredict._demo.run_demo`` builds it): model, training and validation data."""
     import stpredict as st
-    from stpredict._demo import DemoConfig, _section
+    from stpredict._demo import DemoConfig, _section, demo_pixnet
 
     config = DemoConfig(section_um=600.0, max_epochs=1, tiles_per_epoch=16) if quick else DemoConfig()
     if epochs is not None:
@@ -54,19 +54,7 @@ def _demo_training(quick: bool, epochs: int | None) -> tuple[Any, Any, dict[str,
     for sdata in (train, val):
         st.pp.tissue_mask(sdata, "he")
     genes = st.pp.select_genes([train.tables["table"]], n_top=config.n_genes)
-    model = st.models.PixNet(
-        genes,
-        encoder="tf_efficientnet_lite0",
-        pretrained="efficientnet-lite0",
-        um_per_px=config.model_um_per_px,
-        tile_size=config.tile_size,
-        output_stride=2,
-        decoder_channels=config.decoder_channels,
-        attention="channel",
-        freeze_encoder=True,
-        value_kind=config.value_kind,
-        seed=config.seed,
-    )
+    model = demo_pixnet(genes, config)
     fit_kwargs = {
         "validation_data": val,
         "loss": "poisson",

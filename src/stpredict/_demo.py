@@ -74,6 +74,28 @@ class DemoConfig:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def demo_pixnet(genes: list[str], config: DemoConfig, *, value_kind: str | None = None) -> Any:
+    """The demo's PixNet: offline EfficientNet-Lite0 weights, frozen encoder, channel attention, stride 2.
+
+    ``value_kind`` defaults to ``config.value_kind``. The demo, ``stpredict benchmark`` and ``bench_load.py`` build it.
+    """
+    import stpredict as st
+
+    return st.models.PixNet(
+        genes,
+        encoder="tf_efficientnet_lite0",
+        pretrained="efficientnet-lite0",
+        um_per_px=config.model_um_per_px,
+        tile_size=config.tile_size,
+        output_stride=2,
+        decoder_channels=config.decoder_channels,
+        attention="channel",
+        freeze_encoder=True,
+        value_kind=value_kind or config.value_kind,
+        seed=config.seed,
+    )
+
+
 def _section(config: DemoConfig, name: str, patient: str, seed: int) -> SpatialData:
     import stpredict as st
 
@@ -187,19 +209,7 @@ def _run(
         "fit PixNet",
         f"{config.max_epochs} epochs of {config.tiles_per_epoch} tiles of {config.tile_size} px, {config.value_kind}",
     )
-    model = st.models.PixNet(
-        genes,
-        encoder="tf_efficientnet_lite0",
-        pretrained="efficientnet-lite0",
-        um_per_px=config.model_um_per_px,
-        tile_size=config.tile_size,
-        output_stride=2,
-        decoder_channels=config.decoder_channels,
-        attention="channel",
-        freeze_encoder=True,
-        value_kind=config.value_kind,
-        seed=config.seed,
-    )
+    model = demo_pixnet(genes, config)
     density = model.value_kind == "density"
     model.fit(
         train,

@@ -102,18 +102,9 @@ def _build(name: str, genes: list[str], config: DemoConfig) -> Any:
     import stpredict as st
 
     if name == "pixnet":
-        return st.models.PixNet(
-            genes,
-            encoder="tf_efficientnet_lite0",
-            pretrained="efficientnet-lite0",
-            um_per_px=config.model_um_per_px,
-            tile_size=config.tile_size,
-            output_stride=2,
-            decoder_channels=config.decoder_channels,
-            attention="channel",
-            value_kind="density",
-            seed=config.seed,
-        )
+        from stpredict._demo import demo_pixnet
+
+        return demo_pixnet(genes, config, value_kind="density")
     return st.models.EmbeddingRidge(
         genes, pretrained="efficientnet-lite0", um_per_px=config.model_um_per_px, crop_um=64.0, stride_um=16.0
     )
