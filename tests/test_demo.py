@@ -11,7 +11,8 @@ import stpredict as st
 from stpredict import _demo as demo_module
 from stpredict import cli
 from stpredict._demo import DemoConfig, format_metrics, run_demo
-from stpredict._outputs import MARKER_NAME, OutputFolderError
+from stpredict._outputs import MARKER_NAME
+from stpredict.errors import OutputFolderError
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel
 from spatialdata.transformations import Identity, Scale, Sequence, Translation
 
 from stpredict import _geometry as g
-from stpredict._errors import CalibrationError, CoordinateSystemError, InputError
+from stpredict.errors import CalibrationError, CoordinateSystemError, InputError
 
 
 def _sdata(labels_scale=4.0, labels_shift=(3.0, -2.0)):

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from stpredict import _settings
-from stpredict._errors import InputError
 from stpredict._settings import limit_threads, n_threads, settings, usable_cores
+from stpredict.errors import InputError
 
 if TYPE_CHECKING:
     from pathlib import Path

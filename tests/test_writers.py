@@ -24,9 +24,9 @@ from spatialdata.transformations import get_transformation
 
 import stpredict as st
 from stpredict._elements import ELEMENT_TYPES, add_elements, check_new_elements
-from stpredict._errors import InputError
 from stpredict._geometry import scale_levels
 from stpredict._meta import set_element_meta
+from stpredict.errors import InputError
 
 if TYPE_CHECKING:
     from collections.abc import Callable

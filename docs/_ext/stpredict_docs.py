@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["NAMESPACES", "api_names", "render_benchmark", "write_api", "write_benchmarks", "write_tutorials"]
 
 #: Public namespaces of ``stpredict`` documented on the API page, in the page's order.
-NAMESPACES = ("io", "datasets", "pp", "models", "tl", "pl")
+NAMESPACES = ("io", "datasets", "pp", "models", "tl", "pl", "errors")
 
 #: Result files → the script that writes them (matched by the longest prefix of the file name).
 SCRIPTS = {

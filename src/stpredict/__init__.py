@@ -15,11 +15,11 @@ from ._settings import settings
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from . import datasets, io, models, pl, pp, tl
+    from . import datasets, errors, io, models, pl, pp, tl
 
 __getattr__, _, _lazy_names = lazy_loader.attach(
     __name__,
-    submodules=["datasets", "io", "models", "pl", "pp", "tl"],
+    submodules=["datasets", "errors", "io", "models", "pl", "pp", "tl"],
 )
 __all__ = [*_lazy_names, "settings", "__version__"]
 del _lazy_names

@@ -11,7 +11,6 @@ from hypothesis import strategies as st_h
 from scipy import ndimage
 
 import stpredict as st
-from stpredict._errors import InputError
 from stpredict._geometry import affine_between, um_per_px
 from stpredict._meta import get_element_meta
 from stpredict.datasets import _synthetic as S
@@ -19,6 +18,7 @@ from stpredict.datasets._cells import _cells_near
 from stpredict.datasets._render import _render_image, _render_tissue_window, _render_truth_window
 from stpredict.datasets._section import _make_section
 from stpredict.datasets._units import _integrate_density, _Units
+from stpredict.errors import InputError
 
 SMALL = {"shape_um": (500.0, 600.0), "um_per_px": 1.0, "n_genes": 12, "seed": 3}
 

@@ -9,8 +9,8 @@ from scipy import sparse
 from scipy.ndimage import uniform_filter
 from xarray import DataArray
 
-from stpredict._errors import InputError
 from stpredict._geometry import scale_levels, um_per_px
+from stpredict.errors import InputError
 from stpredict.io import from_image_and_table
 
 

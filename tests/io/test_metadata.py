@@ -11,7 +11,12 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, PointsModel, ShapesModel
 from spatialdata.transformations import Identity, Scale, set_transformation
 
-from stpredict.io._metadata import VISIUM_SPOT_DIAMETER_UM, infer_um_per_px
+from stpredict.io._metadata import (
+    VISIUM_PITCH_UM,
+    VISIUM_SCALEFACTOR_SPOT_UM,
+    VISIUM_SPOT_DIAMETER_UM,
+    infer_um_per_px,
+)
 
 
 def _image(attrs: dict | None = None, *, multiscale: bool = False, cs: str = "global"):
@@ -44,9 +49,19 @@ def test_visium_fixture_scale(data_dir):
         warnings.simplefilter("ignore", UserWarning)
         sdata = sio.visium(path, dataset_id="heart")
     factors = json.loads((path / "spatial" / "scalefactors_json.json").read_text())
-    expected = VISIUM_SPOT_DIAMETER_UM / (factors["spot_diameter_fullres"] * factors["tissue_lowres_scalef"])
-    assert infer_um_per_px(sdata, "heart_lowres_image") == pytest.approx(expected, rel=1e-9)
-    assert 13 < expected < 14.5  # 55 µm spots ~4 px across in the 600-px low-res image
+    # brute force: the mean distance between centres of spots in one array row that are two columns apart
+    obs = sdata.tables["table"].obs
+    xy = np.column_stack([sdata.shapes["heart"].geometry.x, sdata.shapes["heart"].geometry.y])
+    by_pos = {(r, c): xy[i] for i, (r, c) in enumerate(zip(obs["array_row"], obs["array_col"], strict=True))}
+    steps = [np.hypot(*(by_pos[(r, c + 2)] - p)) for (r, c), p in by_pos.items() if (r, c + 2) in by_pos]
+    assert len(steps) >= 3  # the 100-spot subset holds three such pairs
+    um_per_fullres_px = VISIUM_PITCH_UM / np.mean(steps)
+    expected = um_per_fullres_px / factors["tissue_lowres_scalef"]
+    assert infer_um_per_px(sdata, "heart_lowres_image") == pytest.approx(expected, rel=1e-3)
+    # Space Ranger's spot_diameter_fullres is a theoretical 65 µm spot: it agrees with the pitch, 55 µm does not
+    by_diameter = VISIUM_SCALEFACTOR_SPOT_UM / factors["spot_diameter_fullres"] / factors["tissue_lowres_scalef"]
+    assert by_diameter == pytest.approx(expected, rel=0.01)
+    assert abs(VISIUM_SPOT_DIAMETER_UM / VISIUM_SCALEFACTOR_SPOT_UM * by_diameter / expected - 1) > 0.15
 
 
 def test_visium_requires_reader_attr():
@@ -55,8 +70,8 @@ def test_visium_requires_reader_attr():
     sdata = SpatialData(images={"img": image}, shapes={"lib": shapes})
     assert infer_um_per_px(sdata, "img") is None  # circles of unknown physical size: no guessing
     sdata.attrs["spatialdata_io_reader"] = "visium"
-    # diameter 20 intrinsic units -> 40 image px = 55 µm
-    assert infer_um_per_px(sdata, "img") == pytest.approx(55.0 / 40.0)
+    # no array coordinates: diameter 20 intrinsic units -> 40 image px = spot_diameter_fullres = 65 µm
+    assert infer_um_per_px(sdata, "img") == pytest.approx(65.0 / 40.0)
 
 
 def test_visium_hd_bins_circles_and_squares():
@@ -125,3 +140,47 @@ def test_a_path_instead_of_a_spatialdata_names_the_reader(tmp_path):
         infer_um_per_px(tmp_path, "he")
     with pytest.raises(KeyError, match="No element 'he' in the SpatialData; available elements: \\[\\]"):
         infer_um_per_px(SpatialData(), "he")
+
+
+def _visium_grid(units_per_col: float, radius: float, *, jitter: float = 0.0):
+    """A Visium-like hexagonal grid of spots in intrinsic units, with a table holding the array coordinates."""
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    rows, cols = np.meshgrid(np.arange(6), np.arange(12), indexing="ij")
+    keep = (rows + cols) % 2 == 0  # Visium: even columns on even rows, odd on odd rows
+    row, col = rows[keep], cols[keep]
+    xy = np.column_stack([col * units_per_col, row * units_per_col * np.sqrt(3)]) + 100.0
+    xy = xy + np.random.default_rng(0).normal(0, jitter, xy.shape)
+    shapes = ShapesModel.parse(
+        xy, geometry=0, radius=np.full(len(xy), radius), transformations={"lib": Scale([0.5, 0.5], axes=("x", "y"))}
+    )
+    table = ad.AnnData(np.zeros((len(xy), 1), dtype=np.float32))
+    table.obs["array_row"], table.obs["array_col"] = row, col
+    table.obs["region"] = pd.Categorical(["spots"] * len(xy))
+    table.obs["spot_id"] = np.arange(len(xy))
+    table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
+    sdata = SpatialData(images={"img": _image(cs="lib")}, shapes={"spots": shapes}, tables={"table": table})
+    sdata.attrs["spatialdata_io_reader"] = "visium"
+    return sdata
+
+
+def test_visium_scale_from_the_array_pitch_wins_over_the_spot_diameter(caplog):
+    # 40 units per array column = 50 µm; image px = 0.5 unit -> 2.5 µm per image px
+    sdata = _visium_grid(40.0, radius=30.0)  # 60 units = "65 µm" would say 2.17 µm per px: 13 % off
+    with caplog.at_level("WARNING", logger="stpredict"):
+        assert infer_um_per_px(sdata, "img") == pytest.approx(2.5, rel=1e-9)
+    assert "pitch" in caplog.text
+    assert "65 µm" in caplog.text
+
+
+def test_visium_scale_agrees_silently_and_ignores_a_broken_grid(caplog):
+    consistent = _visium_grid(40.0, radius=0.5 * 65.0 / 50.0 * 40.0)
+    with caplog.at_level("WARNING", logger="stpredict"):
+        assert infer_um_per_px(consistent, "img") == pytest.approx(2.5, rel=1e-9)
+    assert caplog.text == ""
+    # centres scattered far off their array coordinates: not a grid, so the diameter decides (65 µm / 2·26 units)
+    broken = _visium_grid(40.0, radius=26.0, jitter=15.0)
+    with caplog.at_level("WARNING", logger="stpredict"):
+        assert infer_um_per_px(broken, "img") == pytest.approx(65.0 / 52.0 / 0.5, rel=1e-9)
+    assert "not on a Visium grid" in caplog.text

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from scipy import sparse
 
-from stpredict._errors import InputError
 from stpredict._geometry import affine_between, scale_levels, to_um_affine, um_per_px
+from stpredict.errors import InputError
 from stpredict.io import read_st
 from stpredict.io._image import decode_image
 from stpredict.io._st import mask_unspotted_border_regions

@@ -17,8 +17,8 @@ import pytest
 from _tenx_files import write_10x_h5
 from PIL import Image
 
-from stpredict._errors import InputError
 from stpredict._geometry import um_per_px
+from stpredict.errors import InputError
 from stpredict.io import read_visium, read_visium_hd, read_xenium
 
 VISIUM_COUNTS = (

@@ -11,8 +11,8 @@ import tifffile
 from scipy import ndimage
 
 import stpredict as st
-from stpredict._errors import InputError
 from stpredict._geometry import affine_between, scale_levels, um_per_px
+from stpredict.errors import InputError
 from stpredict.io._wsi import read_wsi
 
 H, W, TILE = 2048, 3072, 256

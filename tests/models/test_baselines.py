@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import stpredict as st
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.models import DenseModel
 from stpredict.models._baselines import EmbeddingRidge, SpotCNN
 

@@ -4,7 +4,7 @@ import _training_data as helpers
 import numpy as np
 import pytest
 
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.models._data import (
     CoverTileDataset,
     TileDataset,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.models._encoders import _taps, build_encoder, encoder_kind
 from stpredict.models._io import load_state_dict
 from stpredict.models._weights import map_state_dict, packaged_weights_path, resolve_encoder

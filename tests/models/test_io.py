@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hst
 
 import stpredict as st
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.models._io import CONFIG_NAME, WEIGHTS_NAME, load_state_dict, read_config, register_model
 
 GENES = helpers.PIXNET_GENES

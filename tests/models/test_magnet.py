@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import stpredict as st
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.models import DenseModel, MagNet
 from stpredict.models._magnet._data import WindowDataset, prepare_sections
 from stpredict.models._magnet._geometry import isolated_nodes

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st_
 
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.models._magnet._geometry import (
     cell_of,
     crop_origins,

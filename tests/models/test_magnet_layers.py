@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.models._magnet._layers import (
     CrossAttention,
     GatedGATBlock,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import stpredict as st
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 
 SMALL = helpers.SMALL_DECODER
 GENES = helpers.PIXNET_GENES

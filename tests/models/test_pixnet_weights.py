@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.models._io import load_state_dict
 from stpredict.models._weights import packaged_weights_path
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.models._training import fit, resolve_accelerator
 
 GENES = ["g0", "g1", "g2"]

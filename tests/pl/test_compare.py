@@ -12,8 +12,8 @@ from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel
 from spatialdata.transformations import Scale
 
 import stpredict as st
-from stpredict._errors import InputError
 from stpredict._geometry import set_um_per_px
+from stpredict.errors import InputError
 
 DPI = 50
 TOL = 15  # RMS, STYLE.md: 15-25 at most

@@ -7,7 +7,7 @@ from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 from spatialdata.models import Image2DModel
 
 import stpredict as st
-from stpredict._errors import CalibrationError, InputError
+from stpredict.errors import CalibrationError, InputError
 
 DPI = 50
 TOL = 15  # RMS, STYLE.md: 15-25 at most

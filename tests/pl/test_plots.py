@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 
 import stpredict as st
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 
 mpl.use("Agg")
 DPI = 50

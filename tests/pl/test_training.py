@@ -5,7 +5,7 @@ import pytest
 from matplotlib.figure import Figure
 
 import stpredict as st
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 
 DPI = 50
 TOL = 15  # RMS, STYLE.md: 15-25 at most

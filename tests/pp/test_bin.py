@@ -13,9 +13,9 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Scale, Sequence, Translation
 
 import stpredict as st
-from stpredict._errors import InputError
 from stpredict._grid import ID_STRIDE
 from stpredict._meta import set_element_meta
+from stpredict.errors import InputError
 
 
 @pytest.fixture(autouse=True)

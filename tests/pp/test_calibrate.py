@@ -15,8 +15,8 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity, Scale, get_transformation, set_transformation
 
 import stpredict as st
-from stpredict._errors import CalibrationError, CoordinateSystemError, InputError
 from stpredict._geometry import affine_between, um_per_px
+from stpredict.errors import CalibrationError, CoordinateSystemError, InputError
 from stpredict.pp._calibrate import check_same_coordinate_system, check_units_inside_image, unit_centers
 
 

@@ -9,7 +9,7 @@ from spatialdata import SpatialData
 from spatialdata.models import TableModel
 
 import stpredict as st
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.pp._genes import as_sections, subset_genes
 
 

@@ -9,7 +9,7 @@ import pytest
 from scipy import sparse
 
 import stpredict as st
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.pp._normalize import fit_normalize, inverse_normalize, smooth_grid
 
 

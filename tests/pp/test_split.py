@@ -7,7 +7,7 @@ import pytest
 from spatialdata import SpatialData
 
 import stpredict as st
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.pp._split import Fold, section_patients
 
 # HER2ST-like: patient A has 2 sections, B 3, C 1, D 2

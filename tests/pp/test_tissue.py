@@ -9,9 +9,9 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 
 import stpredict as st
-from stpredict._errors import CalibrationError, InputError
 from stpredict._geometry import affine_between, raster_shape, um_per_px
 from stpredict._meta import get_element_meta
+from stpredict.errors import CalibrationError, InputError
 
 PINK = np.array([220, 140, 190], dtype=np.float64)
 WHITE = np.array([245, 245, 245], dtype=np.float64)

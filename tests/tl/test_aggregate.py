@@ -16,9 +16,9 @@ from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel
 from spatialdata.transformations import Identity, Scale, Sequence, Translation
 
 import stpredict as st
-from stpredict._errors import CoordinateSystemError, InputError
 from stpredict._grid import ID_STRIDE
 from stpredict._meta import set_element_meta
+from stpredict.errors import CoordinateSystemError, InputError
 
 GENES = ["g0", "g1", "g2"]
 

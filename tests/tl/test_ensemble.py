@@ -5,9 +5,9 @@ import pytest
 from anndata import AnnData
 
 import stpredict as st
-from stpredict._errors import InputError
 from stpredict._geometry import scale_levels, set_um_per_px
 from stpredict._meta import get_element_meta, set_element_meta
+from stpredict.errors import InputError
 
 GENES = ["g0", "g1", "g2"]
 

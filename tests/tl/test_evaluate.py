@@ -10,7 +10,7 @@ from scipy import sparse
 
 import stpredict as st
 import stpredict.tl as tl
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.tl._evaluate import METRIC_LABELS, EvaluationResult
 from stpredict.tl._matching import _unit_index
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st_h
 from scipy.stats import pearsonr, spearmanr
 
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.tl._metrics import (
     genewise_pcc,
     genewise_spearman,

@@ -9,9 +9,9 @@ import pytest
 from scipy import ndimage
 
 import stpredict as st
-from stpredict._errors import CalibrationError, InputError
 from stpredict._geometry import set_um_per_px, um_per_px
 from stpredict._meta import get_element_meta
+from stpredict.errors import CalibrationError, InputError
 from stpredict.tl import _dense_plan
 from stpredict.tl import _predict_dense as pdm
 from stpredict.tl._tiling import resample_matrix

@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 
 import stpredict as st
-from stpredict._errors import InputError
 from stpredict._geometry import set_um_per_px
+from stpredict.errors import InputError
 from stpredict.tl import _dense_plan
 
 GENES = ["g0", "g1", "g2"]

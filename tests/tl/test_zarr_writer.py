@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from stpredict._errors import InputError
+from stpredict.errors import InputError
 from stpredict.tl._zarr_writer import WorkStore
 
 SHAPE, CHUNKS = (2, 8, 8), (2, 4, 4)

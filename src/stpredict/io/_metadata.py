@@ -9,8 +9,13 @@ Sources, tried in this order (the first that applies wins):
    spelled ``@PhysicalSizeX`` (xmltodict) or ``physical_size_x`` (ome-types).
 2. **Visium** (``sdata.attrs["spatialdata_io_reader"] == "visium"``). spatialdata-io stores the spots as
    circles in full-resolution pixels with ``radius = spot_diameter_fullres / 2``; the low- and high-res images
-   reach that space through ``Scale(1 / tissue_*_scalef)``. A Visium spot is 55 µm across, so
-   ``µm per image px = 55 / (2 · radius · s)`` with ``s`` the scale from the circles' space to the image's.
+   reach that space through ``Scale(1 / tissue_*_scalef)``. The scale comes from the array itself where the
+   table has ``array_row``/``array_col``: spot centres are 100 µm apart along a row, two ``array_col`` steps,
+   so a least-squares fit of the centres on the array coordinates gives the pixels per 50 µm. Without array
+   coordinates it comes from ``spot_diameter_fullres``, which Space Ranger defines as the width in pixels of
+   a *theoretical 65 µm* spot (the capture spot itself is 55 µm across): ``µm per image px = 65 / (2 ·
+   radius · s)`` with ``s`` the scale from the circles' space to the image's. On the Space Ranger output in
+   ``../shared/data/scanpy_visium_tiny`` the two agree to 0.002 %, and 55 µm would be 18 % off.
 3. **Visium HD** (reader ``"visium_hd"``). Bins in shapes named ``..._square_NNNum`` are ``NNN`` µm wide;
    their size in full-resolution pixels is ``2 · radius`` (circles) or the side of the square polygon.
 4. **Xenium and MERSCOPE** (readers ``"xenium"``, ``"merscope"``). Their points (transcripts) are stored in
@@ -38,12 +43,19 @@ if TYPE_CHECKING:
 
     from spatialdata import SpatialData
 
-__all__ = ["VISIUM_SPOT_DIAMETER_UM", "infer_um_per_px"]
+__all__ = ["VISIUM_PITCH_UM", "VISIUM_SPOT_DIAMETER_UM", "VISIUM_SCALEFACTOR_SPOT_UM", "infer_um_per_px"]
 
 logger = get_logger(__name__)
 
 #: Diameter of a Visium (v1, CytAssist 6.5 mm) capture spot in micrometres.
 VISIUM_SPOT_DIAMETER_UM = 55.0
+#: Space Ranger's ``spot_diameter_fullres`` is the width in pixels of a theoretical spot this wide (10x's
+#: definition of the scale-factor file), not of the 55 µm capture spot.
+VISIUM_SCALEFACTOR_SPOT_UM = 65.0
+#: Centre-to-centre distance of neighbouring Visium spots along an array row (two ``array_col`` steps).
+VISIUM_PITCH_UM = 100.0
+#: A fit of spot centres on array coordinates whose residual exceeds this fraction of one step is not a grid.
+_GRID_RESIDUAL = 0.05
 #: spatialdata-io writes this key into ``sdata.attrs``.
 READER_ATTR = "spatialdata_io_reader"
 _UNIT_TO_UM = {
@@ -71,9 +83,9 @@ def infer_um_per_px(sdata: SpatialData, image_key: str) -> float | None:
 
     Reads the sources listed in the module docstring: stpredict's own record and OME ``PhysicalSizeX/Y`` in the
     element's attributes, then the geometry that the spatialdata-io readers for Visium, Visium HD, Xenium and
-    MERSCOPE write (Visium spot = 55 µm; Visium HD bin = its nominal size; Xenium/MERSCOPE points in µm).
-    Nothing is guessed: metadata that is missing, contradictory or anisotropic gives ``None`` (with a
-    warning in the log for the last two).
+    MERSCOPE write (Visium: the 100 µm pitch of the array, else ``spot_diameter_fullres`` = 65 µm; Visium HD
+    bin = its nominal size; Xenium/MERSCOPE points in µm). Nothing is guessed: metadata that is missing,
+    contradictory or anisotropic gives ``None`` (with a warning in the log for the last two).
 
     Parameters
     ----------
@@ -104,7 +116,7 @@ def infer_um_per_px(sdata: SpatialData, image_key: str) -> float | None:
     image = get_element(sdata, image_key)
     sources: tuple[tuple[str, Callable[[SpatialData, str, Any], float | None]], ...] = (
         ("element attributes", _from_attrs),
-        ("Visium spot diameter (55 µm)", _from_visium),
+        ("the Visium array (100 µm pitch, else spot_diameter_fullres = 65 µm)", _from_visium),
         ("Visium HD bin size", _from_visium_hd),
         ("points stored in µm", _from_um_points),
     )
@@ -242,10 +254,65 @@ def _from_visium(sdata: SpatialData, image_key: str, image: Any) -> float | None
     if sdata.attrs.get(READER_ATTR) != "visium":
         return None
     for key in _annotated_first(sdata):
-        if "radius" in sdata.shapes[key].columns:
-            value = _from_unit_size(sdata, image_key, key, VISIUM_SPOT_DIAMETER_UM)
-            if value is not None:
-                return value
+        if "radius" not in sdata.shapes[key].columns:
+            continue
+        by_diameter = _from_unit_size(sdata, image_key, key, VISIUM_SCALEFACTOR_SPOT_UM)
+        um_per_unit = visium_um_per_unit(sdata, key)
+        scale = _linear_scale(sdata, key, image_key)
+        if um_per_unit is not None and scale is not None and scale > 0:
+            by_pitch = um_per_unit / scale
+            if by_diameter is not None and abs(by_pitch / by_diameter - 1) > _GRID_RESIDUAL:
+                logger.warning(
+                    "The Visium array's pitch gives %.6g µm per pixel for %r, spot_diameter_fullres (65 µm) "
+                    "%.6g; using the pitch. Check the scale-factor file, or pass um_per_px= explicitly.",
+                    by_pitch,
+                    image_key,
+                    by_diameter,
+                )
+            return by_pitch
+        if by_diameter is not None:
+            return by_diameter
+    return None
+
+
+def visium_um_per_unit(sdata: SpatialData, shapes_key: str) -> float | None:
+    """µm per intrinsic unit of ``shapes_key`` from its spots' centres against their ``array_row``/``array_col``.
+
+    Visium spots sit on a hexagonal grid where one ``array_col`` step is half the 100 µm row pitch. The fit is
+    linear (centre = a · col + b · row + c), exact on a grid; ``None`` where no table gives array coordinates
+    for at least three spots spanning two dimensions, or where the centres are not on a grid.
+    """
+    for table in sdata.tables.values():
+        attrs = table.uns.get("spatialdata_attrs", {})
+        region = attrs.get("region")
+        regions = [region] if isinstance(region, str) else list(region or [])
+        if shapes_key not in regions or not {"array_row", "array_col"} <= set(table.obs.columns):
+            continue
+        instance_key, region_key = attrs.get("instance_key"), attrs.get("region_key")
+        obs = table.obs
+        if region_key in obs.columns:
+            obs = obs[obs[region_key].astype(str) == shapes_key]
+        if instance_key not in obs.columns:
+            continue
+        shapes = sdata.shapes[shapes_key]
+        ids = obs[instance_key].to_numpy()
+        known = np.isin(ids, shapes.index.to_numpy())
+        if known.sum() < 3:
+            continue
+        centres = shapes.loc[ids[known]].geometry
+        xy = np.column_stack([centres.x.to_numpy(), centres.y.to_numpy()])
+        design = np.column_stack(
+            [obs["array_col"].to_numpy()[known], obs["array_row"].to_numpy()[known], np.ones(int(known.sum()))]
+        ).astype(np.float64)
+        if np.linalg.matrix_rank(design) < 3:
+            continue
+        coef, *_ = np.linalg.lstsq(design, xy, rcond=None)
+        units_per_col = float(np.hypot(*coef[0]))
+        residual = np.abs(design @ coef - xy).max()
+        if units_per_col <= 0 or residual > _GRID_RESIDUAL * units_per_col:
+            logger.warning("The spots of %r are not on a Visium grid of their array coordinates.", shapes_key)
+            continue
+        return VISIUM_PITCH_UM / 2 / units_per_col
     return None
 
 

@@ -21,7 +21,12 @@ from stpredict._logging import get_logger
 from stpredict._meta import set_element_meta
 
 from ._build import check_positive
-from ._metadata import infer_um_per_px
+from ._metadata import (
+    VISIUM_SCALEFACTOR_SPOT_UM,
+    VISIUM_SPOT_DIAMETER_UM,
+    infer_um_per_px,
+    visium_um_per_unit,
+)
 from ._tenx_layout import check_visium_hd_layout, check_visium_layout, check_xenium_layout, reader_options
 
 if TYPE_CHECKING:
@@ -63,9 +68,10 @@ def read_visium(
     image_file
         The full-resolution H&E given to Space Ranger (relative to ``path`` or absolute).
     um_per_px
-        Override the pixel size; by default it follows from the scale factors: a spot is 55 µm across and
-        ``spot_diameter_fullres`` full-resolution pixels, and the chosen image's scale factor maps those to its
-        pixels.
+        Override the pixel size; by default it follows from the array: spot centres are 100 µm apart along a
+        row, fitted against ``array_row``/``array_col`` (else from ``spot_diameter_fullres``, which Space
+        Ranger defines as the width of a theoretical 65 µm spot), and the chosen image's scale factor maps full
+        resolution pixels to its pixels.
     image_key, shapes_key, table_key
         Names of the image, the spot circles (renamed from ``dataset_id``) and the table.
     kwargs
@@ -74,8 +80,10 @@ def read_visium(
     Returns
     -------
     SpatialData with ``images[image_key]``, ``shapes[shapes_key]`` (circles in full-resolution pixels, index =
-    ``spot_id``), ``tables[table_key]`` (counts; ``region_key="region"``, ``instance_key="spot_id"``,
-    ``obsm["spatial"]`` in full-resolution pixels), all calibrated in the ``"um"`` coordinate system.
+    ``spot_id``, with the capture spot's true 55 µm diameter rather than spatialdata-io's 65 µm
+    ``spot_diameter_fullres``, so that aggregation covers what was measured), ``tables[table_key]`` (counts;
+    ``region_key="region"``, ``instance_key="spot_id"``, ``obsm["spatial"]`` in full-resolution pixels),
+    all calibrated in the ``"um"`` coordinate system.
 
     Raises
     ------
@@ -106,7 +114,10 @@ def read_visium(
     if "table" in sdata.tables and table_key != "table":
         sdata.tables[table_key] = sdata.tables.pop("table")
     _counts_as_float32(sdata)
-    return adopt_image(sdata, chosen, image_key=image_key, um_per_px=um_per_px, source=str(folder))
+    sdata = adopt_image(sdata, chosen, image_key=image_key, um_per_px=um_per_px, source=str(folder))
+    if shapes_key in sdata.shapes:
+        _circles_at_capture_size(sdata, shapes_key)  # after the pixel size is inferred from the reader's circles
+    return sdata
 
 
 def read_visium_hd(
@@ -298,6 +309,17 @@ def rename_element(sdata: SpatialData, old: str, new: str) -> None:
         table.obs[region_key] = pd.Categorical(values)
         attrs["region"] = new if isinstance(region, str) else [new if r == old else r for r in regions]
     del getattr(sdata, group)[old]
+
+
+def _circles_at_capture_size(sdata: SpatialData, shapes_key: str) -> None:
+    """Set the spot circles' radius to the 55 µm capture spot (spatialdata-io draws the 65 µm scale-factor spot)."""
+    shapes = sdata.shapes[shapes_key]
+    if "radius" not in shapes.columns or len(shapes) == 0:
+        return
+    um_per_unit = visium_um_per_unit(sdata, shapes_key)
+    if um_per_unit is None:
+        um_per_unit = VISIUM_SCALEFACTOR_SPOT_UM / (2 * float(np.median(shapes["radius"])))
+    shapes["radius"] = VISIUM_SPOT_DIAMETER_UM / 2 / um_per_unit
 
 
 def _counts_as_float32(sdata: SpatialData) -> None:
