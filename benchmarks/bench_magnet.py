@@ -344,6 +344,23 @@ def _print_table(summary: list[dict], comparisons: list[dict], per_seed: list[di
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def _resumed(out: Path, cfg: dict[str, Any], models: list[str], base_seed: int) -> list[dict[str, Any]]:
+    """The finished seeds in ``out`` when its configuration, models and base seed are this run's, else none."""
+    if not out.is_file():
+        return []
+    old = json.loads(out.read_text())
+    same_cfg = json.loads(json.dumps(cfg, default=str)) == old.get("config")
+    kept = [
+        r
+        for r in old.get("per_seed", [])
+        if {tag.split("@")[0] for tag in r.get("fits", {})} == set(models) and old.get("base_seed", 0) == base_seed
+    ]
+    if not same_cfg or not kept:
+        print(f"--resume: nothing reusable in {out} (another configuration or model set); starting afresh", flush=True)
+        return []
+    return kept
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -353,6 +370,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--threads", type=int, default=None, help="torch/numba threads (default: the usable cores)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished seeds of --out when it was written with the same configuration and models",
+    )
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     if set(models) - set(MODELS):
@@ -367,11 +389,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         st.settings.n_jobs = args.threads
     t0 = time.perf_counter()
-    per_seed = []
+    per_seed = _resumed(args.out, cfg, models, args.seed) if args.resume else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for s in range(seeds):
+        if any(r["seed"] == s for r in per_seed):
+            print(f"[seed {s}] kept from {args.out}", flush=True)
+            continue
         per_seed.append(run_seed(cfg, models, s, args.seed))
-        partial = {"partial": True, "config": cfg, "per_seed": per_seed}  # kept if a later seed does not finish
+        # kept if a later seed does not finish
+        partial = {"partial": True, "config": cfg, "base_seed": args.seed, "per_seed": per_seed}
         args.out.write_text(json.dumps(partial, indent=2, default=str))
     summary, comparisons = _summarise(per_seed, models)
     print()

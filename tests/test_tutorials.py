@@ -21,6 +21,7 @@ assert pcc_8um > 0.2, scales
 assert "he_pixnet_8um" in test.tables and "he_pixnet_8um_bins" in test.shapes
 assert st.models.load("pixnet_quickstart").var_names == list(genes)
 assert "truth_8um" in test.tables
+assert len(ax.get_images()) == 2 and ax.get_xlim()[1] > 1000  # H&E and the map, in µm (1600 µm section)
 """,
     "visium_hd_bins": """
 assert {"he_pixnet_2um", "he_pixnet_8um", "he_pixnet_16um", "he_magnet_8um", "he_magnet_16um"} <= set(test.tables)

@@ -175,3 +175,31 @@ def test_image_gene_map_roi_side_by_side(make_sdata):
     return st.pl.gene_map(
         sdata, ["B", "C"], roi_um=(8, 4, 40, 28), overlay=False, shared_scale=True, panel_size=2.0, dpi=DPI, show=False
     )
+
+
+def test_gene_map_hides_the_map_off_the_tissue_mask(make_sdata):
+    from spatialdata.models import Labels2DModel
+    from spatialdata.transformations import get_transformation
+
+    sdata, values = make_sdata()
+    # tissue: the left 20 of the image's 96 columns (10 µm at 0.5 µm/px), labels on the image's pixel grid
+    tissue = np.zeros((64, 96), dtype=np.uint8)
+    tissue[:, :20] = 1
+    sdata.labels["he_tissue"] = Labels2DModel.parse(
+        tissue, dims=("y", "x"), transformations=get_transformation(sdata.images["he"], get_all=True)
+    )
+    fig = st.pl.gene_map(sdata, ["A"], dpi=DPI, show=False)  # mask_key="auto" finds he_tissue
+    drawn = np.ma.filled(_panels(fig)[0].get_images()[1].get_array().astype(np.float64), np.nan)
+    # map pixels are 2 µm wide: centres at 1, 3, ..., so columns 0-4 (centres < 10 µm) are on tissue
+    expected = np.full_like(values[0], np.nan, dtype=np.float64)
+    expected[:, :5] = values[0][:, :5]
+    np.testing.assert_array_equal(np.isnan(drawn), np.isnan(expected))
+    np.testing.assert_allclose(drawn[:, :5], values[0][:, :5])
+    # colour limits come from what is drawn, the tissue
+    vmin, vmax = np.percentile(values[0][:, :5], [1, 99])
+    assert (fig.axes[0].get_images()[1].norm.vmin, fig.axes[0].get_images()[1].norm.vmax) == pytest.approx((vmin, vmax))
+
+    everywhere = st.pl.gene_map(sdata, ["A"], mask_key=None, dpi=DPI, show=False)
+    assert np.isfinite(np.ma.filled(_panels(everywhere)[0].get_images()[1].get_array(), np.nan)).all()
+    with pytest.raises(KeyError, match=r"st\.pp\.tissue_mask.*mask_key=None"):
+        st.pl.gene_map(sdata, ["A"], mask_key="cells", show=False)

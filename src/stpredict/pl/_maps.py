@@ -78,6 +78,7 @@ def gene_map(
     map_key: str | None = None,
     image_key: str | None = Keys.image,
     roi_um: tuple[float, float, float, float] | None = None,
+    mask_key: str | None = "auto",
     shared_scale: bool = False,
     overlay: bool = True,
     alpha: float = 0.6,
@@ -113,6 +114,10 @@ def gene_map(
     roi_um
         ``(x0, y0, x1, y1)`` in µm in the image's coordinate system (needs :func:`stpredict.pp.calibrate`):
         the view, and the part of each raster that is read.
+    mask_key
+        Labels element (e.g. from :func:`stpredict.pp.tissue_mask`) outside whose non-zero pixels the maps are
+        left transparent, so that values predicted over background glass are not drawn. ``"auto"``: the tissue
+        mask of ``image_key`` (``"he_tissue"``) where it exists; ``None``: draw the maps everywhere.
     shared_scale
         One colour scale (and one colorbar) for all genes, else one per gene.
     overlay
@@ -215,6 +220,12 @@ def gene_map(
     values, map_extent, _ = view
     index = {c: i for i, c in enumerate(channels)}
     planes = {g: np.asarray(values[index[g]], dtype=np.float64) for g in genes}
+    mask_key = _resolve_mask_key(sdata, mask_key, image_key)
+    if mask_key is not None:
+        shape = next(iter(planes.values())).shape
+        outside = ~_mask_on_grid(sdata, mask_key, frame, um, window, max_pixels, map_extent, shape)
+        for plane in planes.values():
+            plane[outside] = np.nan
     if shared_scale:
         shared = color_limits(np.concatenate([p.ravel() for p in planes.values()]), robust=robust)
 
@@ -246,3 +257,44 @@ def gene_map(
         fig.colorbar(images[-1], ax=panels, shrink=0.8)
     style_spatial(axes, limits, um=um, scale_bar=scale_bar)
     return finish(fig, fig, show=show, save=save, dpi=dpi)
+
+
+def _resolve_mask_key(sdata: SpatialData, mask_key: str | None, image_key: str | None) -> str | None:
+    if mask_key == "auto":
+        key = Keys.tissue_mask(image_key) if image_key is not None else None
+        return key if key is not None and key in sdata.labels else None
+    if mask_key is not None and mask_key not in sdata.labels:
+        msg = (
+            f"No labels {mask_key!r} in sdata.labels (it has {sorted(sdata.labels)}); compute a tissue mask with "
+            "st.pp.tissue_mask(sdata) or pass mask_key=None to draw the maps everywhere."
+        )
+        raise KeyError(msg)
+    return mask_key
+
+
+def _mask_on_grid(
+    sdata: SpatialData,
+    mask_key: str,
+    frame: str,
+    um: bool,
+    window: tuple[float, float, float, float] | None,
+    max_pixels: int,
+    grid_extent: tuple[float, float, float, float],
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """Whether the centre of each pixel of a ``shape`` raster drawn at ``grid_extent`` lies on a non-zero label."""
+    view = raster_view(sdata.labels[mask_key], frame_matrix(sdata, mask_key, frame, um=um), window, max_pixels)
+    inside = np.zeros(shape, dtype=bool)
+    if view is None:
+        return inside
+    labels, (l_left, l_right, l_bottom, l_top), _ = view
+    left, right, bottom, top = grid_extent
+    xs = left + (np.arange(shape[1]) + 0.5) * (right - left) / shape[1]
+    ys = top + (np.arange(shape[0]) + 0.5) * (bottom - top) / shape[0]
+    cols = np.floor((xs - l_left) / (l_right - l_left) * labels.shape[1]).astype(np.int64)
+    rows = np.floor((ys - l_top) / (l_bottom - l_top) * labels.shape[0]).astype(np.int64)
+    col_ok = (cols >= 0) & (cols < labels.shape[1])
+    row_ok = (rows >= 0) & (rows < labels.shape[0])
+    hit = np.asarray(labels)[np.ix_(rows[row_ok], cols[col_ok])] != 0
+    inside[np.ix_(np.flatnonzero(row_ok), np.flatnonzero(col_ok))] = hit
+    return inside
