@@ -172,6 +172,9 @@ def _fit(model: Any, name: str, train: Any, val: Any, bin_um: float, cfg: dict[s
     common = {"table_key": _table_key(bin_um), "target_layer": "prop_log", "seed": seed, "show_progress_bar": False}
     if name.startswith("magnet"):
         kw = dict(cfg["magnet_fit"])
+        n_bins = int(train.tables[common["table_key"]].n_obs)
+        if n_bins < 256:  # a section with little tissue at 16 µm: one batch holds all its bins (the default is 256)
+            kw["batch_bins"] = n_bins
         model.fit(train, validation_data=val, **kw, **common)
     elif name == "embedding_ridge":
         kw = {"max_units": cfg["ridge_fit"]["max_units"]}

@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _protocol_uncertainty import format_ensembles, save_spot_predictions, score_ensembles, spots_dir
 from bench_models import ConstantMap, _build_models, _fit, _mean_target, _score_spots  # the shared model settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,6 +289,9 @@ def run_entry(
         constant = mean_values if name == "mean_map" else None
         res = _score_spots(sd, key, tables[tn], genes, False, "spots", constant)
         score_s = time.perf_counter() - t
+        if name != "mean_map":  # the seed ensemble's uncertainty (_protocol_uncertainty)
+            spots = st.tl.aggregate(sd, key, shapes_key="spots", genes=genes, force=True, inplace=False)
+            save_spot_predictions(spots_dir(args.out), fold.name, name, tn, seed, spots, genes)
         del sd.images[key]
         shutil.rmtree(tmp / key, ignore_errors=True)
         pg = res.per_gene
@@ -464,8 +468,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     header = (f"{args.dataset}: {args.genes} genes, {args.seeds} seed(s), models {args.models}"
               + (f"; {ds.skipped}" if ds.skipped and not args.quick else ""))  # fmt: skip
     print()
-    result["table"] = format_tables(summary, comparisons, entries, header)
-    result |= {"partial": False, "summary": summary, "comparisons": comparisons}
+    ensembles = score_ensembles(
+        spots_dir(args.out), entries, {f.name: {tn: per_fold[f.name][1][tn] for tn in f.test} for f in folds}
+    )
+    ensemble_table = format_ensembles(ensembles)
+    print(ensemble_table, flush=True)
+    result["table"] = format_tables(summary, comparisons, entries, header) + "\n" + ensemble_table
+    result |= {"partial": False, "summary": summary, "comparisons": comparisons, "ensembles": ensembles}
     timings["total"] = round(time.perf_counter() - t0, 2)
     timings["embedding_cache"] = CACHE.stats()
     result["machine"]["load_avg_at_end"] = os.getloadavg()
