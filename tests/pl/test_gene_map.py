@@ -188,7 +188,7 @@ def test_gene_map_hides_the_map_off_the_tissue_mask(make_sdata):
     sdata.labels["he_tissue"] = Labels2DModel.parse(
         tissue, dims=("y", "x"), transformations=get_transformation(sdata.images["he"], get_all=True)
     )
-    fig = st.pl.gene_map(sdata, ["A"], dpi=DPI, show=False)  # mask_key="auto" finds he_tissue
+    fig = st.pl.gene_map(sdata, ["A"], dpi=DPI, show=False)  # tissue_key="auto" finds he_tissue
     drawn = np.ma.filled(_panels(fig)[0].get_images()[1].get_array().astype(np.float64), np.nan)
     # map pixels are 2 µm wide: centres at 1, 3, ..., so columns 0-4 (centres < 10 µm) are on tissue
     expected = np.full_like(values[0], np.nan, dtype=np.float64)
@@ -199,7 +199,7 @@ def test_gene_map_hides_the_map_off_the_tissue_mask(make_sdata):
     vmin, vmax = np.percentile(values[0][:, :5], [1, 99])
     assert (fig.axes[0].get_images()[1].norm.vmin, fig.axes[0].get_images()[1].norm.vmax) == pytest.approx((vmin, vmax))
 
-    everywhere = st.pl.gene_map(sdata, ["A"], mask_key=None, dpi=DPI, show=False)
+    everywhere = st.pl.gene_map(sdata, ["A"], tissue_key=None, dpi=DPI, show=False)
     assert np.isfinite(np.ma.filled(_panels(everywhere)[0].get_images()[1].get_array(), np.nan)).all()
-    with pytest.raises(KeyError, match=r"st\.pp\.tissue_mask.*mask_key=None"):
-        st.pl.gene_map(sdata, ["A"], mask_key="cells", show=False)
+    with pytest.raises(KeyError, match=r"st\.pp\.tissue_mask.*tissue_key=None"):
+        st.pl.gene_map(sdata, ["A"], tissue_key="cells", show=False)

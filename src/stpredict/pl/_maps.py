@@ -78,7 +78,7 @@ def gene_map(
     map_key: str | None = None,
     image_key: str | None = Keys.image,
     roi_um: tuple[float, float, float, float] | None = None,
-    mask_key: str | None = "auto",
+    tissue_key: str | None = "auto",
     shared_scale: bool = False,
     overlay: bool = True,
     alpha: float = 0.6,
@@ -114,7 +114,7 @@ def gene_map(
     roi_um
         ``(x0, y0, x1, y1)`` in µm in the image's coordinate system (needs :func:`stpredict.pp.calibrate`):
         the view, and the part of each raster that is read.
-    mask_key
+    tissue_key
         Labels element (e.g. from :func:`stpredict.pp.tissue_mask`) outside whose non-zero pixels the maps are
         left transparent, so that values predicted over background glass are not drawn. ``"auto"``: the tissue
         mask of ``image_key`` (``"he_tissue"``) where it exists; ``None``: draw the maps everywhere.
@@ -220,10 +220,10 @@ def gene_map(
     values, map_extent, _ = view
     index = {c: i for i, c in enumerate(channels)}
     planes = {g: np.asarray(values[index[g]], dtype=np.float64) for g in genes}
-    mask_key = _resolve_mask_key(sdata, mask_key, image_key)
-    if mask_key is not None:
+    tissue_key = _resolve_tissue_key(sdata, tissue_key, image_key)
+    if tissue_key is not None:
         shape = next(iter(planes.values())).shape
-        outside = ~_mask_on_grid(sdata, mask_key, frame, um, window, max_pixels, map_extent, shape)
+        outside = ~_mask_on_grid(sdata, tissue_key, frame, um, window, max_pixels, map_extent, shape)
         for plane in planes.values():
             plane[outside] = np.nan
     if shared_scale:
@@ -259,22 +259,22 @@ def gene_map(
     return finish(fig, fig, show=show, save=save, dpi=dpi)
 
 
-def _resolve_mask_key(sdata: SpatialData, mask_key: str | None, image_key: str | None) -> str | None:
-    if mask_key == "auto":
+def _resolve_tissue_key(sdata: SpatialData, tissue_key: str | None, image_key: str | None) -> str | None:
+    if tissue_key == "auto":
         key = Keys.tissue_mask(image_key) if image_key is not None else None
         return key if key is not None and key in sdata.labels else None
-    if mask_key is not None and mask_key not in sdata.labels:
+    if tissue_key is not None and tissue_key not in sdata.labels:
         msg = (
-            f"No labels {mask_key!r} in sdata.labels (it has {sorted(sdata.labels)}); compute a tissue mask with "
-            "st.pp.tissue_mask(sdata) or pass mask_key=None to draw the maps everywhere."
+            f"No labels {tissue_key!r} in sdata.labels (it has {sorted(sdata.labels)}); compute a tissue mask with "
+            "st.pp.tissue_mask(sdata) or pass tissue_key=None to draw the maps everywhere."
         )
         raise KeyError(msg)
-    return mask_key
+    return tissue_key
 
 
 def _mask_on_grid(
     sdata: SpatialData,
-    mask_key: str,
+    tissue_key: str,
     frame: str,
     um: bool,
     window: tuple[float, float, float, float] | None,
@@ -283,7 +283,7 @@ def _mask_on_grid(
     shape: tuple[int, int],
 ) -> np.ndarray:
     """Whether the centre of each pixel of a ``shape`` raster drawn at ``grid_extent`` lies on a non-zero label."""
-    view = raster_view(sdata.labels[mask_key], frame_matrix(sdata, mask_key, frame, um=um), window, max_pixels)
+    view = raster_view(sdata.labels[tissue_key], frame_matrix(sdata, tissue_key, frame, um=um), window, max_pixels)
     inside = np.zeros(shape, dtype=bool)
     if view is None:
         return inside
