@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stpredict.tl._matching import _instance_key  # the instance-id column a table declares
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -44,7 +46,7 @@ def save_spot_predictions(
     x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
     path = folder / f"{fold}__{model}__{section}__seed{seed}.npz"
     tmp = path.with_suffix(".tmp.npz")
-    ids = pred.obs[_instance_key(pred)].astype(str).to_numpy()
+    ids = np.asarray(pred.obs[_instance_key(pred)].astype(str), dtype=str)  # not object: loads without pickle
     np.savez_compressed(tmp, obs=ids, X=x.astype(np.float32), genes=np.asarray(genes, dtype=str))
     tmp.replace(path)
 
@@ -100,10 +102,6 @@ def score_ensembles(folder: Path, entries: list[dict[str, Any]], tables: dict[st
             }
         )
     return rows
-
-
-def _instance_key(table: Any) -> str:
-    return table.uns.get("spatialdata_attrs", {}).get("instance_key", "instance_id")
 
 
 def format_ensembles(rows: list[dict]) -> str:

@@ -352,14 +352,10 @@ def _resumed(out: Path, cfg: dict[str, Any], models: list[str], base_seed: int) 
     if not out.is_file():
         return []
     old = json.loads(out.read_text())
-    same_cfg = json.loads(json.dumps(cfg, default=str)) == old.get("config")
-    kept = [
-        r
-        for r in old.get("per_seed", [])
-        if {tag.split("@")[0] for tag in r.get("fits", {})} == set(models) and old.get("base_seed", 0) == base_seed
-    ]
-    if not same_cfg or not kept:
-        print(f"--resume: nothing reusable in {out} (another configuration or model set); starting afresh", flush=True)
+    same_run = json.loads(json.dumps(cfg, default=str)) == old.get("config") and old.get("base_seed", 0) == base_seed
+    kept = [r for r in old.get("per_seed", []) if {tag.split("@")[0] for tag in r.get("fits", {})} == set(models)]
+    if not same_run or not kept:
+        print(f"--resume: nothing reusable in {out} (other settings or models); starting afresh", flush=True)
         return []
     return kept
 

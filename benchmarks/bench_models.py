@@ -172,11 +172,16 @@ def _score_spots(
     density: bool,
     shapes_key: str,
     constant: np.ndarray | None = None,
+    pred: Any = None,
 ) -> Any:
-    """Aggregate the map over the measured spots and score gene-wise against the measured log1p CPM."""
+    """Aggregate the map over the measured spots and score gene-wise against the measured log1p CPM.
+
+    ``pred``: the map already aggregated over those spots (``st.tl.aggregate``), so that it is not aggregated twice.
+    """
     import stpredict as st
 
-    pred = st.tl.aggregate(test, map_key, shapes_key=shapes_key, genes=genes, force=True, inplace=False)
+    if pred is None:
+        pred = st.tl.aggregate(test, map_key, shapes_key=shapes_key, genes=genes, force=True, inplace=False)
     pred = _exact_constant(pred, constant)
     if density:
         # Expected counts per spot → the measured spots' space (log1p CPM over the scored genes on both sides).

@@ -287,10 +287,10 @@ def run_entry(
         predict_s = time.perf_counter() - t
         t = time.perf_counter()
         constant = mean_values if name == "mean_map" else None
-        res = _score_spots(sd, key, tables[tn], genes, False, "spots", constant)
+        spots = st.tl.aggregate(sd, key, shapes_key="spots", genes=genes, force=True, inplace=False)
+        res = _score_spots(sd, key, tables[tn], genes, False, "spots", constant, pred=spots)
         score_s = time.perf_counter() - t
         if name != "mean_map":  # the seed ensemble's uncertainty (_protocol_uncertainty)
-            spots = st.tl.aggregate(sd, key, shapes_key="spots", genes=genes, force=True, inplace=False)
             save_spot_predictions(spots_dir(args.out), fold.name, name, tn, seed, spots, genes)
         del sd.images[key]
         shutil.rmtree(tmp / key, ignore_errors=True)

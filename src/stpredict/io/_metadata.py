@@ -219,13 +219,17 @@ def _linear_scale(sdata: SpatialData, source_key: str, image_key: str) -> float 
     return float((sx + sy) / 2)
 
 
+def _regions(table: Any) -> list[str]:
+    """The elements a table annotates (``spatialdata_attrs["region"]``: one name or a list)."""
+    region = table.uns.get("spatialdata_attrs", {}).get("region")
+    return [region] if isinstance(region, str) else list(region or [])
+
+
 def _annotated_first(sdata: SpatialData) -> list[str]:
     """Shapes keys, those annotated by a table first (they are the measured units)."""
     annotated: list[str] = []
     for table in sdata.tables.values():
-        region = table.uns.get("spatialdata_attrs", {}).get("region")
-        regions = [region] if isinstance(region, str) else list(region or [])
-        annotated += [r for r in regions if r in sdata.shapes and r not in annotated]
+        annotated += [r for r in _regions(table) if r in sdata.shapes and r not in annotated]
     return annotated + [k for k in sdata.shapes if k not in annotated]
 
 
@@ -284,9 +288,7 @@ def visium_um_per_unit(sdata: SpatialData, shapes_key: str) -> float | None:
     """
     for table in sdata.tables.values():
         attrs = table.uns.get("spatialdata_attrs", {})
-        region = attrs.get("region")
-        regions = [region] if isinstance(region, str) else list(region or [])
-        if shapes_key not in regions or not {"array_row", "array_col"} <= set(table.obs.columns):
+        if shapes_key not in _regions(table) or not {"array_row", "array_col"} <= set(table.obs.columns):
             continue
         instance_key, region_key = attrs.get("instance_key"), attrs.get("region_key")
         obs = table.obs
