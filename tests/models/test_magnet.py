@@ -290,3 +290,62 @@ def test_target_layer_without_a_normalisation_record_is_refused(sdata, genes):
     with pytest.raises(InputError, match="no record of how it was normalised"):
         model.fit(sdata, target_layer="handmade", max_epochs=1, show_progress_bar=False)
     del table.layers["handmade"]
+
+
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.module.bin_encoder.state_dict().items() if "running_mean" in k}
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_pretrained_bin_encoder_keeps_its_batch_norm_statistics(sdata, genes, tmp_path, faithful):
+    """Contiguous windows are not i.i.d. batches: a pretrained bin encoder trains with its running statistics kept
+    (its batch-norm weights still train). The faithful variant trains them, as the paper's shuffled loader does."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = timm.create_model("test_efficientnet", num_classes=0)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
+    model = MagNet(genes, **{**TINY, "pretrained": path}, faithful=faithful)
+    before = _bn_state(model)
+    bn = next(m for m in model.module.bin_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    weight = bn.weight.detach().clone()
+    model.module.train()
+    assert bn.training is faithful
+    assert not model.module.context_encoder.training
+    model.fit(sdata, max_epochs=1, batches_per_epoch=1, show_progress_bar=False, device="cpu")
+    after = _bn_state(model)
+    same = all(torch.equal(before[k], after[k]) for k in before)
+    assert same is not faithful
+    assert not torch.equal(bn.weight.detach(), weight)  # the affine terms train either way
+
+
+def test_fit_trains_in_train_mode(sdata, genes):
+    """A MagNet is built in eval mode and Lightning keeps the modes it finds: fit must switch dropout on."""
+    model = MagNet(genes, **TINY)
+    assert not model.module.training
+    seen = []
+    dropout = next(m for m in model.module.transformer.modules() if isinstance(m, torch.nn.Dropout))
+    dropout.register_forward_pre_hook(lambda mod, inp: seen.append(mod.training))
+    model.fit(sdata, max_epochs=1, batches_per_epoch=1, show_progress_bar=False, device="cpu")
+    assert seen
+    assert all(seen)
+    assert not model.module.training  # back in eval mode for prediction
+    assert model.fit_params["encoder_lr"] == pytest.approx(3e-4 * 0.1)
+
+
+def test_bin_encoder_learning_rate(sdata, genes):
+    from stpredict.models._magnet._fit import _plan_class
+    from stpredict.models._magnet._loss import LossWeights
+
+    model = MagNet(genes, **TINY)
+    cfg = {"name": "adamw", "lr": 1e-3, "encoder_lr": 1e-5, "weight_decay": 0.0, "total_steps": 1}
+    opt = _plan_class()(model.module, weights=LossWeights(), optimizer=cfg).configure_optimizers()
+    rest, encoder = opt.param_groups
+    assert encoder["lr"] == 1e-5
+    assert rest["lr"] == 1e-3
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in model.module.bin_encoder.parameters()}
+    assert not {id(p) for p in rest["params"]} & {id(p) for p in model.module.context_encoder.parameters()}
+    with pytest.raises(InputError, match="encoder_lr must be a positive"):
+        model.fit(sdata, encoder_lr=0.0, show_progress_bar=False, device="cpu")

@@ -221,3 +221,91 @@ def test_training_plan_pickles() -> None:
     callbacks, best = _plan._make_callbacks(has_val=True, patience=3)
     assert type(pickle.loads(pickle.dumps(best))) is _plan._BestWeights
     assert len(callbacks) == 2
+
+
+class _EncoderDecoder(torch.nn.Module):
+    """TinyModel's layers split into an ``encoder`` and the rest, as PixNet names its parts."""
+
+    def __init__(self, layers: torch.nn.Sequential) -> None:
+        super().__init__()
+        self.encoder = layers[0]
+        self.rest = layers[1:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rest(self.encoder(x))
+
+
+def test_encoder_lr_and_cosine_schedule(sdata) -> None:
+    """The encoder's parameters train at ``encoder_lr``, the rest at ``lr``; the schedule warms up, then decays."""
+    import math
+
+    from stpredict.models._training import _plan
+
+    model = helpers.TinyModel(GENES)
+    model.module = _EncoderDecoder(model.module)
+    plan = _plan._make_plan(module=model.module, inputs="tiles", loss="paper", reduce="mean", pixel_area=1.0,
+                            pcc_weight=0.5, lr=1e-2, weight_decay=0.0, n_genes=3, n_tables=1, encoder_lr=1e-4,
+                            lr_schedule="cosine", total_steps=40)  # fmt: skip
+    cfg = plan.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    head, enc = opt.param_groups
+    assert {id(p) for p in enc["params"]} == {id(p) for p in model.module.encoder.parameters()}
+    assert len(head["params"]) == 2  # the 1x1 conv's weight and bias
+    lrs = []
+    for _ in range(40):
+        lrs.append((opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]))
+        opt.step()
+        sched.step()
+    warmup = 2  # 5 % of 40 steps
+    for step, (lr, lr_enc) in enumerate(lrs):
+        if step < warmup:
+            factor = (step + 1) / warmup
+        else:
+            factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (40 - warmup)))
+        assert lr == pytest.approx(1e-2 * factor, abs=1e-12)
+        assert lr_enc == pytest.approx(1e-4 * factor, abs=1e-14)
+    assert lrs[1][0] == pytest.approx(1e-2)  # the peak
+    assert lrs[-1][0] < 2e-4  # almost zero at the end
+
+    # through fit: a near-zero encoder_lr leaves the encoder where it was while the rest trains
+    start = {k: v.clone() for k, v in model.module.state_dict().items()}
+    fit(model, sdata, max_epochs=2, lr=2e-2, encoder_lr=1e-12, lr_schedule="cosine", **FAST)
+    after = model.module.state_dict()
+    assert torch.allclose(after["encoder.weight"], start["encoder.weight"], atol=1e-8)
+    assert not torch.allclose(after["rest.3.weight"], start["rest.3.weight"])
+    assert model.fit_params["encoder_lr"] == 1e-12
+    assert model.fit_params["lr_schedule"] == "cosine"
+
+
+def test_select_by_pcc_restores_the_epoch_with_the_best_validation_pcc(sdata) -> None:
+    """val_pcc is PCC@M over every validation unit at once; the best epoch is its maximum, not the loss minimum."""
+    from stpredict.models._data import CoverTileDataset, build_sections, collate_tiles, sparse_weights
+    from stpredict.models._footprints import aggregate_map
+
+    model = helpers.TinyModel(GENES)
+    val = helpers.make_sdata(size=160, seed=5)
+    fit(model, sdata, max_epochs=4, lr=2e-2, validation_data=val, select_by="pcc", **FAST)
+    hist = model.fit_history
+    assert len(hist["val_pcc"]) == len(hist["val_loss"]) == 4
+    assert hist["best_epoch"] == int(np.argmax(hist["val_pcc"]))
+    sections = build_sections(val, image_key="he", table_keys=["table"], shapes_key=None, genes=GENES,
+                              space="normalised")  # fmt: skip
+    ds = CoverTileDataset(sections, model_um_per_px=1.0, tile_size=64, output_stride=4, seed=1)
+    batch = collate_tiles([ds[i] for i in range(len(ds))])
+    entry = batch["tables"][0]
+    with torch.no_grad():
+        pred = aggregate_map(model.module(_normalised(batch["image"])), sparse_weights(entry), reduce="mean").numpy()
+    target = entry["targets"].numpy()
+    expected = np.mean([np.corrcoef(pred[:, g], target[:, g])[0, 1] for g in range(len(GENES))])
+    assert hist["val_pcc"][hist["best_epoch"]] == pytest.approx(expected, abs=1e-5)
+    assert model.fit_params["select_by"] == "pcc"
+
+
+def test_fit_rejects_unknown_schedules_and_learning_rates(sdata) -> None:
+    model = helpers.TinyModel(GENES)
+    with pytest.raises(InputError, match="lr_schedule must be 'constant' or 'cosine'"):
+        fit(model, sdata, lr_schedule="step", **FAST)
+    with pytest.raises(InputError, match="select_by must be 'loss' or 'pcc'"):
+        fit(model, sdata, select_by="r2", **FAST)
+    with pytest.raises(InputError, match="encoder_lr must be a positive"):
+        fit(model, sdata, encoder_lr=-1e-4, **FAST)

@@ -8,6 +8,7 @@ the loss (``0.75 · MSE + 0.10 · (1 − PCC)`` over every validation bin at onc
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 __all__ = ["fit_magnet"]
 
 logger = get_logger(__name__)
+
+#: The pretrained bin encoder's learning rate as a fraction of ``lr`` (default design; faithful: 1). Fine-tuned at
+#: the full rate on a few sections, its features collapsed to one direction (benchmarks/README.md, MagNet).
+ENCODER_LR_FACTOR = 0.1
 
 
 @functools.cache
@@ -84,8 +89,13 @@ def _plan_class() -> type:
             self.log("val_loss", score, prog_bar=True)
 
         def configure_optimizers(self) -> Any:
-            params = [p for p in self.module.parameters() if p.requires_grad]
             cfg = self.optimizer_cfg
+            encoder = {id(p) for p in self.module.bin_encoder.parameters()}
+            trainable = [p for p in self.module.parameters() if p.requires_grad]
+            params = [
+                {"params": [p for p in trainable if id(p) not in encoder], "lr": cfg["lr"]},
+                {"params": [p for p in trainable if id(p) in encoder], "lr": cfg.get("encoder_lr", cfg["lr"])},
+            ]
             if cfg["name"] == "sgd":  # the paper: SGD, momentum 0.9, poly schedule (SPEC §3.9)
                 opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
                 total = max(1, int(cfg["total_steps"]))
@@ -120,6 +130,7 @@ def fit_magnet(
     batch_bins: int = 256,
     optimizer: str | None = None,
     lr: float | None = None,
+    encoder_lr: float | None = None,
     weight_decay: float = 1e-4,
     loss_weights: tuple[float, float, float, float] = (0.75, 0.10, 0.05, 0.05),
     augment: bool = True,
@@ -142,6 +153,12 @@ def fit_magnet(
         msg = f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}."
         raise InputError(msg)
     lr = lr if lr is not None else (0.005 if optimizer == "sgd" else 3e-4)
+    if encoder_lr is None:
+        encoder_lr = lr if model.faithful else lr * ENCODER_LR_FACTOR
+    for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            msg = f"{name} must be a positive learning rate, got {value!r}."
+            raise InputError(msg)
     normalization = _target_normalization(data, table_key, target_layer)
     if model.normalization is not None and model.fit_history and model.normalization != normalization:
         logger.warning("MagNet.fit: the targets' normalisation differs from the one the model was trained on.")
@@ -170,9 +187,13 @@ def fit_magnet(
         val_loader = torch.utils.data.DataLoader(val_ds, batch_size=None, shuffle=False)
     if not model.fit_history:
         _init_head_bias(model, sections)
+    # A MagNet is built, predicts and loads in eval mode, and Lightning keeps the modes it finds: train mode here,
+    # or dropout is off and every batch-norm layer frozen during training (the frozen parts stay eval).
+    model.module.train()
     if precision is None:
         precision = _default_precision(accelerator)
-    cfg = {"name": optimizer, "lr": lr, "weight_decay": weight_decay, "total_steps": max_epochs * len(train_ds)}
+    cfg = {"name": optimizer, "lr": lr, "encoder_lr": encoder_lr, "weight_decay": weight_decay,
+           "total_steps": max_epochs * len(train_ds)}  # fmt: skip
     with _quiet_lightning():
         lp.seed_everything(seed, workers=True, verbose=False)
         plan = _plan_class()(model.module, weights=LossWeights(*loss_weights), optimizer=cfg)
@@ -204,6 +225,7 @@ def fit_magnet(
         "batch_bins": batch_bins,
         "optimizer": optimizer,
         "lr": lr,
+        "encoder_lr": encoder_lr,
         "weight_decay": weight_decay,
         "loss_weights": list(loss_weights),
         "augment": augment,

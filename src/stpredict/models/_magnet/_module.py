@@ -54,6 +54,7 @@ class MagNetModule(nn.Module):
         Context tokens a bin attends over per level: 9 (its tile and the 8 around it) or 1 (the paper).
     faithful
         The paper's parallel gated-mean blocks, frozen random context projection and shared head.
+        Otherwise a pretrained bin encoder keeps its batch-norm statistics in training (see :meth:`train`).
     dropout
         Dropout of attention, graph blocks and transformer (the paper: 0.1).
     encoder_kwargs
@@ -81,6 +82,10 @@ class MagNetModule(nn.Module):
         self.faithful = faithful
         self.n_tokens = n_tokens
         self.bin_encoder = pooled_backbone(bin_encoder, bin_pretrained, encoder_kwargs)
+        # Spatially contiguous windows are far from i.i.d. batches: batch statistics of one patch of tissue drift the
+        # running statistics away from what the encoder sees in eval mode, and the fine-tuned features collapsed to one
+        # direction (benchmarks/README.md, MagNet). A pretrained encoder keeps its statistics; its affine terms train.
+        self.frozen_bin_bn = bin_pretrained is not None and not faithful
         self.context_encoder = pooled_backbone(context_encoder, context_pretrained, encoder_kwargs)
         for p in self.context_encoder.parameters():
             p.requires_grad_(False)
@@ -106,9 +111,17 @@ class MagNetModule(nn.Module):
         return int(self.context_encoder.num_features)
 
     def train(self, mode: bool = True) -> MagNetModule:
-        """Train mode for everything but the frozen context encoder (its batch-norm statistics stay)."""
+        """Train mode for everything but the frozen parts.
+
+        The context encoder stays in eval mode, and so, unless faithful, do the batch-norm layers of a pretrained
+        bin encoder (their running statistics stay; their weights and biases still train).
+        """
         super().train(mode)
         self.context_encoder.eval()
+        if self.frozen_bin_bn:
+            for sub in self.bin_encoder.modules():
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    sub.eval()
         return self
 
     def head(self, level: str) -> GeneHead:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import textwrap
 import warnings
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -138,6 +139,8 @@ def fit(
     batch_size: int = 8,
     tiles_per_epoch: int = 512,
     lr: float = 5e-4,
+    encoder_lr: float | None = None,
+    lr_schedule: Literal["constant", "cosine"] = "constant",
     weight_decay: float = 1e-4,
     augment: bool = True,
     init_output_bias: bool = True,
@@ -146,6 +149,7 @@ def fit(
     validation_fraction: float = 0.0,
     validation_tiles: int | None = None,
     patience: int = 10,
+    select_by: Literal["loss", "pcc"] = "loss",
     seed: int = 0,
     device: str = "auto",
     devices: int | str | list[int] | None = None,
@@ -197,6 +201,11 @@ def fit(
         Epochs, tiles per batch, tiles per epoch.
     lr, weight_decay
         AdamW settings (SPEC.md §2.5: 5e-4, 1e-4).
+    encoder_lr
+        Learning rate of the encoder's trainable blocks (a model built with ``freeze_encoder=False`` or a number of
+        blocks to fine-tune); ``None``: ``lr``. Fine-tuning a pretrained encoder usually wants a tenth of ``lr``.
+    lr_schedule
+        ``"constant"``, or ``"cosine"``: a linear warm-up over the first 5 % of the steps, then cosine decay to 0.
     augment
         Flips, 90° rotations and HED colour jitter on training tiles.
     init_output_bias
@@ -215,6 +224,9 @@ def fit(
         taken across every unit rather than averaged over batches.
     patience
         Epochs without validation improvement before stopping.
+    select_by
+        What chooses the best epoch and stops early: the validation ``"loss"``, or the validation ``"pcc"`` (PCC@M,
+        the mean over genes of their PCC across all validation units, what the benchmarks score).
     seed
         Seeds weights' dropout, tile sampling and augmentation: two fits with the same seed on CPU give identical
         weights.
@@ -233,7 +245,7 @@ def fit(
 
     Returns
     -------
-    The model, trained, with the best epoch's weights (by validation loss, else training loss) restored,
+    The model, trained, with the best epoch's weights (by ``select_by`` on validation, else training loss) restored,
     ``model.fit_history = {"train_loss": [...], "val_loss": [...], "best_epoch": int}`` and ``model.fit_params``.
     """
     import lightning.pytorch as lp
@@ -255,6 +267,16 @@ def fit(
     if not 0.0 <= validation_fraction < 1.0:
         msg = f"validation_fraction must be in [0, 1), got {validation_fraction!r}."
         raise InputError(msg)
+    if lr_schedule not in ("constant", "cosine"):
+        msg = f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}."
+        raise InputError(msg)
+    if select_by not in ("loss", "pcc"):
+        msg = f"select_by must be 'loss' or 'pcc', got {select_by!r}."
+        raise InputError(msg)
+    for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            msg = f"{name} must be a positive learning rate, got {value!r}."
+            raise InputError(msg)
     if target_layer is not None and loss != "paper":
         msg = "target_layer names normalised targets (loss='paper'); poisson/nb losses use the raw counts in X."
         raise InputError(msg)
@@ -331,6 +353,9 @@ def fit(
             pixel_area=pixel_area,
             pcc_weight=pcc_weight,
             lr=lr,
+            encoder_lr=encoder_lr,
+            lr_schedule=lr_schedule,
+            total_steps=max_epochs * len(train_loader),
             weight_decay=weight_decay,
             n_genes=len(model.var_names),
             n_tables=len(table_keys),
@@ -345,6 +370,7 @@ def fit(
             strategy=strategy,
             precision=precision,
             patience=patience,
+            select_by=select_by,
             show_progress_bar=show_progress_bar,
             **trainer_kwargs,
         )
@@ -363,8 +389,11 @@ def fit(
         "batch_size": batch_size,
         "tiles_per_epoch": tiles_per_epoch,
         "lr": lr,
+        "encoder_lr": encoder_lr,
+        "lr_schedule": lr_schedule,
         "weight_decay": weight_decay,
         "augment": augment,
+        "select_by": select_by,
         "seed": seed,
         "n_sections": len(sections),
     }
@@ -385,6 +414,7 @@ def train_plan(
     max_epochs: int,
     patience: int,
     show_progress_bar: bool,
+    select_by: Literal["loss", "pcc"] = "loss",
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Run Lightning on ``plan`` with the shared callbacks (best weights, early stopping); return the history.
@@ -395,7 +425,7 @@ def train_plan(
     """
     import lightning.pytorch as lp
 
-    callbacks, best = _make_callbacks(has_val=val_loader is not None, patience=patience)
+    callbacks, best = _make_callbacks(has_val=val_loader is not None, patience=patience, select_by=select_by)
     callbacks += list(trainer_kwargs.pop("callbacks", []))
     trainer = lp.Trainer(
         max_epochs=max_epochs,

@@ -9,6 +9,7 @@ Tiles are ImageNet-normalised (:func:`normalize_tiles`) unless the network bring
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from stpredict._errors import InputError
 from stpredict.models._data import sparse_weights
 from stpredict.models._footprints import aggregate_map
-from stpredict.models._losses import nb_nll, paper_loss, poisson_nll
+from stpredict.models._losses import nb_nll, paper_loss, pearson_loss, poisson_nll
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +61,9 @@ def _lightning_classes() -> tuple[type, type]:
             weight_decay: float,
             n_genes: int,
             n_tables: int,
+            encoder_lr: float | None = None,
+            lr_schedule: Literal["constant", "cosine"] = "constant",
+            total_steps: int = 1,
         ) -> None:
             super().__init__()
             self.module = module
@@ -69,6 +73,9 @@ def _lightning_classes() -> tuple[type, type]:
             self.pixel_area = pixel_area
             self.pcc_weight = pcc_weight
             self.lr = lr
+            self.encoder_lr = encoder_lr
+            self.lr_schedule = lr_schedule
+            self.total_steps = max(1, int(total_steps))
             self.weight_decay = weight_decay
             self.n_tables = n_tables
             if loss == "nb":
@@ -168,18 +175,48 @@ def _lightning_classes() -> tuple[type, type]:
             ]
             ref = pairs[0][0] if pairs else torch.zeros(1, device=self.device)
             self.log("val_loss", self._total_loss(pairs, ref), prog_bar=True, sync_dist=True)
+            # PCC@M over all validation units (mean over tables of the gene-wise PCC): what the benchmarks score
+            pccs = [1.0 - pearson_loss(p.float(), t.float()) for p, t in pairs if t.shape[0] > 1]
+            val_pcc = torch.stack(pccs).mean() if pccs else torch.tensor(float("nan"), device=self.device)
+            self.log("val_pcc", val_pcc, sync_dist=True)
             self._val_pairs = [[] for _ in range(self.n_tables)]
 
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            params = [p for p in self.parameters() if p.requires_grad]
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        def configure_optimizers(self) -> Any:
+            # the pretrained part: PixNet's `encoder`, a crop regressor's `backbone`
+            encoder = getattr(self.module, "encoder", None)
+            encoder = getattr(self.module, "backbone", None) if encoder is None else encoder
+            enc_ids = {id(p) for p in encoder.parameters()} if isinstance(encoder, torch.nn.Module) else set()
+            head = [p for p in self.parameters() if p.requires_grad and id(p) not in enc_ids]
+            enc = [p for p in self.parameters() if p.requires_grad and id(p) in enc_ids]
+            groups = [{"params": head, "lr": self.lr}]
+            if enc:
+                groups.append({"params": enc, "lr": self.lr if self.encoder_lr is None else self.encoder_lr})
+            opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+            if self.lr_schedule == "constant":
+                return opt
+            total, warmup = self.total_steps, max(1, self.total_steps // 20)
+
+            def factor(step: int) -> float:  # linear warm-up over 5 % of the steps, then cosine to zero
+                if step < warmup:
+                    return (step + 1) / warmup
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     class _BestWeights(lp.Callback):
-        """Per-epoch history; keeps the weights of the best epoch in memory and restores them at the end."""
+        """Per-epoch history; keeps the weights of the best epoch in memory and restores them at the end.
 
-        def __init__(self, *, has_val: bool) -> None:
+        The best epoch has the lowest validation loss (``select_by="loss"``) or the highest validation PCC@M
+        (``"pcc"``); without validation data, the lowest training loss.
+        """
+
+        def __init__(self, *, has_val: bool, select_by: Literal["loss", "pcc"] = "loss") -> None:
             self.has_val = has_val
+            self.select_by = select_by
             self.history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
+            if has_val and select_by == "pcc":
+                self.history["val_pcc"] = []
             self.best_score = float("inf")
             self.best_epoch = -1
             self.best_state: dict[str, Any] | None = None
@@ -192,6 +229,10 @@ def _lightning_classes() -> tuple[type, type]:
             if self.has_val:
                 score = float(metrics.get("val_loss", float("nan")))
                 self.history["val_loss"].append(score)
+                if self.select_by == "pcc":
+                    pcc = float(metrics.get("val_pcc", float("nan")))
+                    self.history["val_pcc"].append(pcc)
+                    score = -pcc
             if np.isfinite(score) and score < self.best_score:
                 self.best_score = score
                 self.best_epoch = trainer.current_epoch
@@ -220,11 +261,14 @@ def _make_plan(**kwargs: Any) -> Any:
     return _lightning_classes()[0](**kwargs)
 
 
-def _make_callbacks(*, has_val: bool, patience: int) -> tuple[list[Any], Any]:
+def _make_callbacks(
+    *, has_val: bool, patience: int, select_by: Literal["loss", "pcc"] = "loss"
+) -> tuple[list[Any], Any]:
     import lightning.pytorch as lp
 
-    best = _lightning_classes()[1](has_val=has_val)
+    best = _lightning_classes()[1](has_val=has_val, select_by=select_by)
     callbacks: list[Any] = [best]
     if has_val:
-        callbacks.append(lp.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience))
+        monitor, mode = ("val_pcc", "max") if select_by == "pcc" else ("val_loss", "min")
+        callbacks.append(lp.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     return callbacks, best
