@@ -151,6 +151,8 @@ def _make_model(name: str, genes: list[str], bin_um: float, cfg: dict[str, Any],
         return st.models.MagNet(
             genes, bin_um=bin_um, faithful=name == "magnet_faithful", core_tiles=core_tiles, seed=seed, **cfg["magnet"]
         )
+    if name == "pixnet" and cfg["pixnet"] == "defaults":  # --pixnet-defaults: what PixNet(genes) gives a user
+        return st.models.PixNet(genes, seed=seed)
     pix, crop = cfg["pixnet"], cfg["crop"]
     ns = argparse.Namespace(
         um_per_px=pix["um_per_px"],
@@ -176,6 +178,9 @@ def _fit(model: Any, name: str, train: Any, val: Any, bin_um: float, cfg: dict[s
         if n_bins < 256:  # a section with little tissue at 16 µm: one batch holds all its bins (the default is 256)
             kw["batch_bins"] = n_bins
         model.fit(train, validation_data=val, **kw, **common)
+    elif name == "pixnet" and cfg["pixnet_fit"] == "defaults":
+        kw = {}
+        model.fit(train, validation_data=val, **common)
     elif name == "embedding_ridge":
         kw = {"max_units": cfg["ridge_fit"]["max_units"]}
         model.fit(train, **kw, **common)
@@ -347,6 +352,38 @@ def _print_table(summary: list[dict], comparisons: list[dict], per_seed: list[di
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def _reusable(path: Path, cfg: dict[str, Any], models: list[str], base_seed: int) -> dict[int, dict[str, Any]]:
+    """Per seed, the earlier run's record in ``path`` (same configuration and base seed, holding ``models``)."""
+    if not path.is_file():
+        sys.exit(f"--reuse: {path} does not exist")
+    old = json.loads(path.read_text())
+    old_cfg = {k: v for k, v in (old.get("config") or {}).items() if k in CPU_BUDGET}
+    if json.loads(json.dumps(cfg, default=str)) != old_cfg or old["config"].get("base_seed", 0) != base_seed:
+        sys.exit(f"--reuse: {path} was run with another configuration or base seed; refit every model")
+    out = {}
+    for r in old.get("per_seed", []):
+        have = {tag.split("@")[0] for tag in r.get("fits", {})}
+        if set(models) <= have:
+            out[int(r["seed"])] = r | {"source": str(path)}
+    return out
+
+
+def _merge(old: dict[str, Any], new: dict[str, Any], reuse: list[str]) -> dict[str, Any]:
+    """``new`` with the rows, per-gene PCCs and fits of the ``reuse`` models taken from ``old`` (same seed)."""
+    if old["genes"] != new["genes"]:
+        sys.exit("--reuse: the earlier run selected other genes for this seed; refit every model")
+
+    def mine(key: str) -> bool:  # "spotcnn@8" or "spotcnn|8|16|truth"
+        return key.split("|")[0].split("@")[0] in reuse
+
+    merged = dict(new)
+    merged["rows"] = new["rows"] + [r for r in old["rows"] if r["model"] in reuse]
+    merged["per_gene_pcc"] = new["per_gene_pcc"] | {k: v for k, v in old["per_gene_pcc"].items() if mine(k)}
+    merged["fits"] = new["fits"] | {k: v for k, v in old["fits"].items() if mine(k)}
+    merged["reused"] = {"models": reuse, "from": old.get("source")}
+    return merged
+
+
 def _resumed(out: Path, cfg: dict[str, Any], models: list[str], base_seed: int) -> list[dict[str, Any]]:
     """The finished seeds in ``out`` when its configuration, models and base seed are this run's, else none."""
     if not out.is_file():
@@ -374,12 +411,26 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep the finished seeds of --out when it was written with the same configuration and models",
     )
+    p.add_argument(
+        "--reuse",
+        default="",
+        help="comma-separated models whose per-seed results are taken from --reuse-from instead of refitted (only "
+        "for models whose code and settings did not change since; the JSON records it)",
+    )
+    p.add_argument("--reuse-from", type=Path, default=None, help="JSON of an earlier run (default: --out)")
+    p.add_argument(
+        "--pixnet-defaults",
+        action="store_true",
+        help="PixNet as a user gets it: st.models.PixNet(genes) and fit's defaults (not the CPU_BUDGET settings)",
+    )
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     if set(models) - set(MODELS):
         p.error(f"unknown models {sorted(set(models) - set(MODELS))}; choose from {MODELS}")
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     cfg = {**CPU_BUDGET, **(QUICK if args.quick else {})}
+    if args.pixnet_defaults:
+        cfg |= {"pixnet": "defaults", "pixnet_fit": "defaults"}
 
     import torch
 
@@ -389,12 +440,21 @@ def main(argv: list[str] | None = None) -> None:
         st.settings.n_jobs = args.threads
     t0 = time.perf_counter()
     per_seed = _resumed(args.out, cfg, models, args.seed) if args.resume else []
+    reuse = [m for m in args.reuse.split(",") if m]
+    if set(reuse) - set(models):
+        p.error(f"--reuse {sorted(set(reuse) - set(models))} are not among --models")
+    earlier = _reusable(args.reuse_from or args.out, cfg, reuse, args.seed) if reuse else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for s in range(seeds):
         if any(r["seed"] == s for r in per_seed):
             print(f"[seed {s}] kept from {args.out}", flush=True)
             continue
-        per_seed.append(run_seed(cfg, models, s, args.seed))
+        if reuse and s not in earlier:
+            sys.exit(f"--reuse: seed {s} is not in {args.reuse_from or args.out}; run without --reuse")
+        rec = run_seed(cfg, [m for m in models if m not in reuse], s, args.seed)
+        if reuse:
+            rec = _merge(earlier[s], rec, reuse)
+        per_seed.append(rec)
         # kept if a later seed does not finish
         partial = {"partial": True, "config": cfg, "base_seed": args.seed, "per_seed": per_seed}
         args.out.write_text(json.dumps(partial, indent=2, default=str))

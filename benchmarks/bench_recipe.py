@@ -89,6 +89,36 @@ RECIPES: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "pixnet_long": (
         "pixnet", {}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12}, "twice the epochs",
     ),
+    "pixnet_4um_long": (
+        "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12},
+        "4 µm/px, twice the epochs",
+    ),
+    "pixnet_4um_lr5e-3": (
+        "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "lr": 5e-3},
+        "4 µm/px, a higher peak learning rate",
+    ),
+    "pixnet_4um_finetune": (
+        "pixnet", {"um_per_px": 4.0, "freeze_encoder": 2},
+        {"lr_schedule": "cosine", "select_by": "pcc", "encoder_lr": 2e-4},
+        "4 µm/px, the last 2 encoder blocks fine-tuned at a tenth of the learning rate",
+    ),
+    "pixnet_8um": (
+        "pixnet", {"um_per_px": 8.0}, {"lr_schedule": "cosine", "select_by": "pcc"},
+        "8 µm/px: a 1.5 mm tile (about 50 spots)",
+    ),
+    "pixnet_4um_long_lr5e-3": (
+        "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12, "lr": 5e-3},
+        "4 µm/px, twice the epochs, peak learning rate 5e-3",
+    ),
+    "pixnet_4um_long_constant": (
+        "pixnet", {"um_per_px": 4.0}, {"max_epochs": 12},
+        "4 µm/px, twice the epochs, constant learning rate and selection by validation loss (is cosine + PCC needed?)",
+    ),
+    "pixnet_2um_tile384": (
+        "pixnet", {"tile_size": 384}, {"lr_schedule": "cosine", "select_by": "pcc", "tiles_per_epoch": 12,
+                                       "batch_size": 4},
+        "2 µm/px with the 4 µm/px recipe's 768 µm field of view (the same pixels per epoch): field or resolution?",
+    ),
     "spotcnn_base": ("spotcnn", {}, {}, "the protocol's settings: whole network at lr 2e-3 constant, 6 × 384 crops"),
     "spotcnn_cosine_pcc": (
         "spotcnn", {}, {"lr_schedule": "cosine", "select_by": "pcc"}, "cosine, best epoch by validation PCC@M",
@@ -96,6 +126,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "spotcnn_encoder_lr": (
         "spotcnn", {}, {"lr_schedule": "cosine", "select_by": "pcc", "encoder_lr": 2e-4},
         "cosine, PCC selection, the pretrained backbone at a tenth of the learning rate",
+    ),
+    "spotcnn_long": (
+        "spotcnn", {}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12},
+        "cosine, PCC selection, twice the epochs (PixNet's winning schedule)",
     ),
 }  # fmt: skip
 DEFAULT_RECIPES = tuple(RECIPES)

@@ -106,6 +106,8 @@ def small_pixnet(**kwargs):
     """A small, seeded PixNet on 32 px tiles; ``kwargs`` override its parameters."""
     import stpredict as st
 
-    params = {"tile_size": 32, "decoder_channels": SMALL_DECODER, "seed": 0}
+    # the pre-recipe constructor defaults (1 µm/px, full-resolution map, random encoder): what these tests were built on
+    params = {"tile_size": 32, "decoder_channels": SMALL_DECODER, "seed": 0, "um_per_px": 1.0, "output_stride": 1,
+              "attention": "spatial", "pretrained": None}  # fmt: skip
     params.update(kwargs)
     return st.models.PixNet(PIXNET_GENES, **params)

@@ -144,7 +144,7 @@ def test_repr_and_parameter_counts(lite0):
 
 def test_warns_about_frozen_random_encoder_but_not_on_load(caplog, tmp_path):
     with caplog.at_level("WARNING", logger="stpredict"):
-        model = small(encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 6}, output_stride=4)
+        model = small(encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 6}, output_stride=4, pretrained=None)
     assert "random weights" in caplog.text
     model.save(tmp_path / "m")
     caplog.clear()

@@ -42,3 +42,26 @@ def test_fit_updates_trainable_parts_only_and_round_trips(value_kind, tmp_path):
     np.testing.assert_array_equal(loaded.predict_tiles(tiles, device="cpu"), pred)
     assert loaded.fit_history == model.fit_history
     assert loaded.fit_params["max_epochs"] == 1
+
+
+def test_defaults_are_the_measured_recipe():
+    """PixNet(genes) is the recipe that won bench_recipe.py: pretrained, frozen, 4 µm/px, and fit's own schedule."""
+    from stpredict.models._pixnet._model import FIT_DEFAULTS
+    from stpredict.models._weights import load_state_dict, packaged_weights_path
+
+    model = st.models.PixNet(["g0", "g1"])
+    assert (model.um_per_px, model.output_stride, model.tile_size) == (4.0, 2, 192)
+    source = load_state_dict(packaged_weights_path("efficientnet-lite0"))
+    stem = next(v for k, v in source.items() if v.ndim == 4)  # the first convolution: the stem
+    torch.testing.assert_close(model.module.encoder.backbone.conv_stem.weight, stem)
+    assert not any(p.requires_grad for p in model.module.encoder.backbone.parameters())
+    sdata = helpers.make_sdata(size=96)
+    model.fit(sdata, max_epochs=1, validation_fraction=0.25, **FAST)  # the user's arguments win
+    params = model.fit_params
+    assert (params["max_epochs"], params["tiles_per_epoch"], params["batch_size"]) == (1, 8, 4)
+    for key in ("lr", "lr_schedule", "select_by"):
+        assert params[key] == FIT_DEFAULTS[key]
+    assert (params["lr_schedule"], params["select_by"]) == ("cosine", "pcc")
+    assert "val_pcc" in model.fit_history
+    with pytest.raises(st.errors.InputError, match="pretrained=None for a random start"):
+        st.models.PixNet(["g0"], encoder="resnet18")

@@ -206,7 +206,10 @@ def pretrained_state_dict(
     if isinstance(pretrained, str) and pretrained in _PACKAGED_WEIGHTS:
         expected = _PACKAGED_WEIGHTS[pretrained][0]
         if arch != expected:
-            msg = f"pretrained={pretrained!r} holds weights for encoder={expected!r}, not {encoder!r}."
+            msg = (
+                f"pretrained={pretrained!r} holds weights for encoder={expected!r}, not {encoder!r}. Pass weights "
+                "for this encoder (a file, 'timm' or 'hf-hub:org/name') or pretrained=None for a random start."
+            )
             raise InputError(msg)
         return load_state_dict(packaged_weights_path(pretrained))
     if isinstance(pretrained, str) and pretrained == "timm":

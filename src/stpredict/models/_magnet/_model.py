@@ -277,9 +277,10 @@ class MagNet:
             ``window_cells`` (region tiles per side of a training window, 1), ``batch_bins`` (faithful batches, 256),
             ``optimizer`` (``"adamw"``; ``"sgd"`` with the poly schedule when faithful), ``lr`` (3e-4 AdamW,
             0.005 SGD), ``encoder_lr`` (the bin encoder's rate: a tenth of ``lr``, or ``lr`` when faithful; at the
-            full rate its pretrained features collapsed on small data), ``weight_decay`` (1e-4), ``loss_weights`` ((0.75, 0.10, 0.05, 0.05)), ``augment`` (flips
-            and 90° rotations of the bin crops), ``patience`` (5), ``seed``, ``device``, ``precision``,
-            ``show_progress_bar``, and further :class:`lightning.pytorch.Trainer` arguments.
+            full rate its pretrained features collapsed on small data), ``weight_decay`` (1e-4), ``loss_weights``
+            ((0.75, 0.10, 0.05, 0.05)), ``augment`` (flips and 90° rotations of the bin crops), ``patience`` (5),
+            ``seed``, ``device``, ``precision``, ``show_progress_bar``, and further :class:`lightning.pytorch.Trainer`
+            arguments.
 
         Returns
         -------
