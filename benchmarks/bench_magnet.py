@@ -5,6 +5,9 @@ Usage::
     python benchmarks/bench_magnet.py --out benchmarks/results/magnet.json
     python benchmarks/bench_magnet.py --quick
     python benchmarks/bench_magnet.py --seeds 2 --out benchmarks/results/magnet.json
+    python benchmarks/bench_magnet.py --seeds 3 --reuse pixnet,spotcnn,embedding_ridge   # refit the MagNets only
+    python benchmarks/bench_magnet.py --models pixnet --pixnet-defaults \
+        --out benchmarks/results/magnet_pixnet_defaults.json
 
 Protocol (the protocol of ``bench_models.py``, on Visium HD bins):
 

@@ -19,6 +19,10 @@ Folds (every model trained on identical data, selected by the same validation se
 * stutility_mob (one mouse): ``heldout``: train MOB1, validate MOB2, test MOB3. Leave-one-patient-out is skipped:
   the three sections come from one animal. Spot diameter 100 µm (the ST array's; the data do not record it).
 
+Models: the mean map, EmbeddingRidge and SpotCNN with the budget flags below, and PixNet as a user gets it,
+``st.models.PixNet(genes)`` with ``fit``'s defaults (the recipe ``bench_recipe.py`` measured;
+``--pixnet-recipe protocol`` gives it the budget flags instead, as before 2026-12-06).
+
 Per fold, genes are the ``--genes`` top genes by mean raw count on the fold's training sections
 (``st.pp.select_genes(method="mean")``, SPEC's ``fit_on="train"``; the ST-Net convention), zero-filled where a
 section lacks one, and targets are log1p CPM over those genes (``log1p_cpm`` has no fitted statistic). Each model
@@ -68,7 +72,7 @@ METRICS = ("pcc_m", "pcc_s", "pcc_f", "mse")
 RESULT_KEYS = (
     "dataset", "genes", "seed", "epochs", "tiles_per_epoch", "crops_per_epoch", "batch_size", "crop_batch_size", "lr",
     "patience", "max_units", "um_per_px", "tile_size", "output_stride", "decoder_channels", "crop_um", "stride_um",
-    "n_components", "quick", "map_dtype",
+    "n_components", "quick", "map_dtype", "pixnet_recipe",
 )  # fmt: skip
 
 
@@ -256,6 +260,23 @@ def fold_tables(fold: Fold, sections: dict[str, Any], n_genes: int) -> tuple[lis
 
 
 # ------------------------------------------------------------------------------------------------ one entry
+def _fit_pixnet_default(genes: list[str], train: list[Any], val: list[Any] | None, seed: int) -> tuple[Any, dict]:
+    """PixNet as a user gets it: ``st.models.PixNet(genes)`` and ``fit``'s defaults (``--pixnet-recipe default``)."""
+    import stpredict as st
+
+    t = time.perf_counter()
+    model = st.models.PixNet(genes, seed=seed)
+    model.fit(train, validation_data=val, target_layer="log1p_cpm", seed=seed, show_progress_bar=False)
+    hist = model.fit_history
+    return model, {
+        "model_kwargs": "defaults", "fit_kwargs": dict(model.fit_params), "fit_s": round(time.perf_counter() - t, 2),
+        "best_epoch": hist["best_epoch"], "epochs_run": len(hist["train_loss"]),
+        "train_loss": [round(float(x), 4) for x in hist["train_loss"]],
+        "val_loss": [round(float(x), 4) for x in hist["val_loss"]],
+        "val_pcc": [round(float(x), 4) for x in hist.get("val_pcc", [])],
+    }  # fmt: skip
+
+
 def run_entry(
     name: str, fold: Fold, seed: int, genes: list[str], sections: dict[str, Any], tables: dict[str, Any],
     args: argparse.Namespace, tmp: Path,
@@ -271,6 +292,8 @@ def run_entry(
     mean_values = _mean_target([tables[n] for n in fold.train], genes, "log1p_cpm")
     if name == "mean_map":
         model, rec = ConstantMap(genes, mean_values, um_per_px=args.um_per_px, output_stride=16), {"fit_s": 0.0}
+    elif name == "pixnet" and args.pixnet_recipe == "default":
+        model, rec = _fit_pixnet_default(genes, train, val, ns.seed)
     else:
         cls, kw = _build_models(ns, genes)[name]
         if name == "embedding_ridge":
@@ -512,6 +535,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-components", type=int, default=50)
     p.add_argument("--map-dtype", choices=("float32", "float16"), default="float32", help="predict_dense storage")
     p.add_argument("--threads", type=int, default=None, help="torch/numba threads (default: the usable cores)")
+    p.add_argument(
+        "--pixnet-recipe",
+        choices=("default", "protocol"),
+        default="default",
+        help="PixNet as st.models.PixNet(genes) + fit's defaults (the measured recipe), or with the protocol's "
+        "budget flags above (--um-per-px, --epochs, ..., as SpotCNN)",
+    )
     args = p.parse_args(argv)
     q = args.quick
     defaults = {

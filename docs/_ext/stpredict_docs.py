@@ -28,6 +28,9 @@ SCRIPTS = {
     "models": "bench_models.py",
     "predict_dense": "bench_predict_dense.py",
     "predict_dense_resume": "bench_predict_dense_resume.py",
+    "fit_throughput": "bench_fit_throughput.py",
+    "protocol": "bench_protocol.py",
+    "recipe": "bench_recipe.py",
 }
 #: Metric columns of result rows, in display order, with their labels (SPEC §1.4).
 METRICS = {

@@ -50,7 +50,9 @@ def _counts(sdata) -> np.ndarray:
 
 
 def _pixnet(genes, um: float = 2 * UM):
-    return st.models.PixNet(genes, tile_size=32, decoder_channels=(8, 16, 16, 32, 32, 32), um_per_px=um, seed=0)
+    return st.models.PixNet(
+        genes, tile_size=32, decoder_channels=(8, 16, 16, 32, 32, 32), um_per_px=um, output_stride=1, seed=0
+    )
 
 
 # --------------------------------------------------------------------------- Visium (Space Ranger 2.0+)

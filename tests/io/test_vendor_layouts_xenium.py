@@ -323,7 +323,7 @@ def test_xenium_layout_trains_predicts_and_aggregates_into_cells(xenium_outs):
     table = sdata.tables["table"]
     genes = list(table.var_names)
     model = st.models.PixNet(
-        genes, tile_size=32, decoder_channels=(8, 16, 16, 32, 32, 32), um_per_px=4 * UM, seed=0
+        genes, tile_size=32, decoder_channels=(8, 16, 16, 32, 32, 32), um_per_px=4 * UM, output_stride=1, seed=0
     ).fit(sdata, **FIT)
     assert len(model.fit_history["train_loss"]) == 1
     assert np.isfinite(model.fit_history["train_loss"][0])
