@@ -50,13 +50,18 @@ def test_defaults_are_the_measured_recipe():
     from stpredict.models._weights import load_state_dict, packaged_weights_path
 
     model = st.models.PixNet(["g0", "g1"])
-    assert (model.um_per_px, model.output_stride, model.tile_size) == (4.0, 2, 192)
+    assert (model.output_stride, model.tile_size) == (2, 192)
+    assert "um_per_px=auto" in repr(model)
+    with pytest.raises(st.errors.InputError, match="fit it first"):
+        _ = model.um_per_px
     source = load_state_dict(packaged_weights_path("efficientnet-lite0"))
     stem = next(v for k, v in source.items() if v.ndim == 4)  # the first convolution: the stem
     torch.testing.assert_close(model.module.encoder.backbone.conv_stem.weight, stem)
     assert not any(p.requires_grad for p in model.module.encoder.backbone.parameters())
     sdata = helpers.make_sdata(size=96)
     model.fit(sdata, max_epochs=1, validation_fraction=0.25, **FAST)  # the user's arguments win
+    assert model.um_per_px == 2.0  # 12 µm spots are bins to the auto resolution
+    assert model.config["um_per_px"] == 2.0  # saved resolved
     params = model.fit_params
     assert (params["max_epochs"], params["tiles_per_epoch"], params["batch_size"]) == (1, 8, 4)
     for key in ("lr", "lr_schedule", "select_by"):
@@ -65,3 +70,28 @@ def test_defaults_are_the_measured_recipe():
     assert "val_pcc" in model.fit_history
     with pytest.raises(st.errors.InputError, match="pretrained=None for a random start"):
         st.models.PixNet(["g0"], encoder="resnet18")
+
+
+def test_auto_resolution_follows_the_training_units():
+    """um_per_px='auto': 4 µm/px for spots of 50 µm and wider (median), 2 µm/px for finer units; a number is kept."""
+    from types import SimpleNamespace
+
+    def sections(widths_px, image_um_per_px):
+        half = np.repeat(np.asarray(widths_px, float)[:, None] / 2, 2, axis=1)
+        units = SimpleNamespace(half_sizes=half, allowed=np.ones(len(half), bool))
+        return [SimpleNamespace(units=[units], image_um_per_px=image_um_per_px)]
+
+    for widths, expected in (
+        ([110, 110, 110], 4.0),  # Visium spots: 55 µm at 0.5 µm per pixel
+        ([100, 100, 100], 4.0),  # exactly 50 µm: spots
+        ([98, 98, 98], 2.0),  # 49 µm
+        ([16, 16, 200], 2.0),  # mostly 8 µm bins: the median decides
+    ):
+        model = st.models.PixNet(["g0"], pretrained=None)
+        model.resolve_resolution(sections(widths, 0.5))
+        assert model.um_per_px == expected
+    fixed = st.models.PixNet(["g0"], pretrained=None, um_per_px=1.0)
+    fixed.resolve_resolution(sections([200], 1.0))
+    assert fixed.um_per_px == 1.0
+    with pytest.raises(st.errors.InputError, match="or 'auto'"):
+        st.models.PixNet(["g0"], um_per_px="fine")

@@ -28,6 +28,12 @@ __all__ = ["PixNet"]
 
 logger = get_logger(__name__)
 
+#: ``um_per_px="auto"``: units at least this wide (µm) are spots, finer ones bins (:meth:`PixNet.resolve_resolution`).
+AUTO_SPOT_UM = 50.0
+#: The resolution ``um_per_px="auto"`` picks for each kind of unit: the winners measured on each (benchmarks/README.md:
+#: 4 µm/px on 100 µm ST spots, ``bench_recipe.py``; 2 µm/px on 8 and 16 µm bins, ``bench_magnet.py --pixnet-defaults``).
+AUTO_UM_PER_PX = {"spots": 4.0, "bins": 2.0}
+
 #: :meth:`PixNet.fit`'s own defaults where they differ from the shared training loop's: the recipe that won the
 #: measured search on real tissue (``benchmarks/bench_recipe.py``, benchmarks/README.md, issue 14). 12 epochs of 48
 #: tiles with a warm-up + cosine schedule peaking at 2e-3, and the epoch with the best validation PCC@M kept.
@@ -124,7 +130,7 @@ class PixNet:
         *,
         encoder: str = "tf_efficientnet_lite0",
         pretrained: str | os.PathLike[str] | None = "efficientnet-lite0",
-        um_per_px: float = 4.0,
+        um_per_px: float | Literal["auto"] = "auto",
         output_stride: int = 2,
         decoder_channels: Sequence[int] = (32, 64, 128, 192, 256, 320),
         n_d2s_stages: int = 2,
@@ -153,8 +159,10 @@ class PixNet:
         )
         if not isinstance(freeze_encoder, bool):
             freeze_encoder = _as_int(freeze_encoder)
-        if not (isinstance(um_per_px, numbers.Real) and math.isfinite(um_per_px) and um_per_px > 0):
-            msg = f"um_per_px must be a positive number of micrometres per pixel, got {um_per_px!r}."
+        if um_per_px != "auto" and not (
+            isinstance(um_per_px, numbers.Real) and math.isfinite(um_per_px) and um_per_px > 0
+        ):
+            msg = f"um_per_px must be a positive number of micrometres per pixel or 'auto', got {um_per_px!r}."
             raise InputError(msg)
         if not (isinstance(output_stride, int) and output_stride >= 1 and output_stride & (output_stride - 1) == 0):
             msg = f"output_stride must be a power of two (1, 2, 4, ...), got {output_stride!r}."
@@ -185,7 +193,7 @@ class PixNet:
             raise InputError(msg)
 
         self.var_names: list[str] = genes
-        self.um_per_px = float(um_per_px)
+        self._um_per_px = None if um_per_px == "auto" else float(um_per_px)
         self.output_stride = int(output_stride)
         self.tile_size = int(tile_size)
         self.context = int(context)
@@ -196,7 +204,7 @@ class PixNet:
         self.config: dict[str, Any] = {
             "encoder": encoder,
             "pretrained": None if pretrained is None else os.fspath(pretrained),
-            "um_per_px": self.um_per_px,
+            "um_per_px": "auto" if self._um_per_px is None else self._um_per_px,
             "output_stride": self.output_stride,
             "decoder_channels": decoder_channels,
             "n_d2s_stages": n_d2s_stages,
@@ -256,6 +264,44 @@ class PixNet:
         backbone.load_state_dict(mapped, strict=True)
         logger.info("loaded %d pretrained encoder tensors from %s (matched by %s)", len(mapped), pretrained, how)
 
+    # ------------------------------------------------------------------ resolution
+    @property
+    def um_per_px(self) -> float:
+        """Micrometres per pixel of the model's input tiles (``"auto"`` is resolved by the first :meth:`fit`)."""
+        if self._um_per_px is None:
+            msg = (
+                "This PixNet was built with um_per_px='auto' and picks its resolution from the training units at its "
+                "first fit; fit it first, or build it with a number, e.g. PixNet(genes, um_per_px=2.0)."
+            )
+            raise InputError(msg)
+        return self._um_per_px
+
+    def resolve_resolution(self, sections: Sequence[Any]) -> None:
+        """Fix ``um_per_px="auto"`` from the training units (called by the training loop before any tile is read).
+
+        Units at least :data:`AUTO_SPOT_UM` wide (spot arrays: ST's 100 µm, Visium's 55 µm) get
+        ``AUTO_UM_PER_PX["spots"]`` (4 µm per pixel), finer units (Visium HD or Stereo-seq bins, cells) get
+        ``AUTO_UM_PER_PX["bins"]`` (2 µm per pixel): the resolutions that won on each kind of data
+        (benchmarks/README.md). The width is the median over the training units. A set resolution is kept.
+        """
+        if self._um_per_px is not None:
+            return
+        widths = [
+            2.0 * units.half_sizes[units.allowed].max(axis=1) * section.image_um_per_px
+            for section in sections
+            for units in section.units
+        ]
+        widths = np.concatenate(widths) if widths else np.zeros(0)
+        if widths.size == 0:
+            msg = "um_per_px='auto' needs training units to choose a resolution from; none were found."
+            raise InputError(msg)
+        width = float(np.median(widths))
+        kind = "spots" if width >= AUTO_SPOT_UM else "bins"
+        self._um_per_px = AUTO_UM_PER_PX[kind]
+        self.config["um_per_px"] = self._um_per_px
+        logger.info("PixNet: um_per_px='auto' → %g µm/px for %s (median unit width %.1f µm)", self._um_per_px, kind,
+                    width)  # fmt: skip
+
     # ------------------------------------------------------------------ info
     @property
     def pixel_area_um2(self) -> float:
@@ -273,9 +319,10 @@ class PixNet:
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad or not trainable_only)
 
     def __repr__(self) -> str:
+        um = "auto" if self._um_per_px is None else format(self._um_per_px, "g")
         return (
             f"PixNet({len(self.var_names)} genes, encoder={self.config['encoder']!r}, "
-            f"um_per_px={self.um_per_px:g}, output_stride={self.output_stride}, tile_size={self.tile_size}, "
+            f"um_per_px={um}, output_stride={self.output_stride}, tile_size={self.tile_size}, "
             f"value_kind={self.value_kind!r}, {self.n_parameters() / 1e6:.2f}M parameters, "
             f"{self.n_parameters(trainable_only=True) / 1e6:.2f}M trainable)"
         )

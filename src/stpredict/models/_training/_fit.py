@@ -293,6 +293,9 @@ def fit(
         "target_layer": target_layer,
     }
     sections = build_sections(data, genes=list(model.var_names), **build)
+    resolve = getattr(model, "resolve_resolution", None)
+    if callable(resolve):  # PixNet(um_per_px="auto") picks its resolution from the training units
+        resolve(sections)
     val_sections = None
     if validation_data is not None:
         val_sections = build_sections(validation_data, genes=list(model.var_names), **build)
