@@ -211,13 +211,18 @@ def summarise(entries: list[dict[str, Any]], fold: Any) -> tuple[list[dict], str
             p = float(wilcoxon(a, b).pvalue) if np.any(a != b) else 1.0
             delta = row["test_pcc_m"] - base["test_pcc_m"]
             noise = math.hypot(row["test_sd"], base["test_sd"])
-            verdict = "tie" if not (abs(delta) > noise and p < 0.05) else ("better" if delta > 0 else "worse")
+            direction = "better" if delta > 0 else "worse"
+            if not math.isfinite(noise):  # one seed: no noise band, only the paired test
+                verdict = f"{direction} (1 seed)" if p < 0.05 else "tie (1 seed)"
+            else:
+                verdict = direction if abs(delta) > noise and p < 0.05 else "tie"
             row |= {"delta_vs_base": delta, "p_vs_base": p, "genes_up": int((a > b).sum()), "verdict": verdict}
             cmp_txt = f"  {delta:+.3f}, {int((a > b).sum())}/{len(a)}, p={p:.1g}, {verdict}"
-        lines.append(
-            f"{row['recipe']:<22}{row['val_pcc_m']:>9.3f}±{row['val_sd']:.3f}{row['test_pcc_m']:>9.3f}±"
-            f"{row['test_sd']:.3f}{row['fit_s']:>8.0f}{cmp_txt}"
+        cells = "".join(
+            f"{row[f'{k}_pcc_m']:>9.3f}" + (f"±{row[f'{k}_sd']:.3f}" if math.isfinite(row[f"{k}_sd"]) else " (1 seed)")
+            for k in ("val", "test")
         )
+        lines.append(f"{row['recipe']:<22}{cells}{row['fit_s']:>8.0f}{cmp_txt}")
     for row in rows:
         row.pop("test_gene_pcc")
     return rows, "\n".join(lines)

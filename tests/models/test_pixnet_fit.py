@@ -88,10 +88,10 @@ def test_auto_resolution_follows_the_training_units():
         ([16, 16, 200], 2.0),  # mostly 8 µm bins: the median decides
     ):
         model = st.models.PixNet(["g0"], pretrained=None)
-        model.resolve_resolution(sections(widths, 0.5))
+        model._resolve_resolution(sections(widths, 0.5))
         assert model.um_per_px == expected
     fixed = st.models.PixNet(["g0"], pretrained=None, um_per_px=1.0)
-    fixed.resolve_resolution(sections([200], 1.0))
+    fixed._resolve_resolution(sections([200], 1.0))
     assert fixed.um_per_px == 1.0
     with pytest.raises(st.errors.InputError, match="or 'auto'"):
         st.models.PixNet(["g0"], um_per_px="fine")

@@ -47,8 +47,8 @@ EXAMPLES = """\
       max_epochs: 30
       batch_size: 8"""
 
-#: Defaults of this command that differ from the class's: a pretrained encoder that ships with the package.
-_MODEL_DEFAULTS = {"pixnet": {"pretrained": "efficientnet-lite0"}, "magnet": {}}
+#: Defaults of this command that differ from the class's (none: the classes' defaults are the measured recipes).
+_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"pixnet": {}, "magnet": {}}
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:

@@ -28,7 +28,7 @@ __all__ = ["PixNet"]
 
 logger = get_logger(__name__)
 
-#: ``um_per_px="auto"``: units at least this wide (µm) are spots, finer ones bins (:meth:`PixNet.resolve_resolution`).
+#: ``um_per_px="auto"``: units at least this wide (µm) are spots, finer ones bins (``PixNet._resolve_resolution``).
 AUTO_SPOT_UM = 50.0
 #: The resolution ``um_per_px="auto"`` picks for each kind of unit: the winners measured on each (benchmarks/README.md:
 #: 4 µm/px on 100 µm ST spots, ``bench_recipe.py``; 2 µm/px on 8 and 16 µm bins, ``bench_magnet.py --pixnet-defaults``).
@@ -59,11 +59,12 @@ class PixNet:
     resolution (``output_stride=1``, as in the paper) or coarser to bound memory (SPEC.md §2).
 
     The defaults are the configuration that won the measured recipe search on real tissue (benchmarks/README.md,
-    ``bench_recipe.py``): the offline ImageNet EfficientNet-Lite0, frozen, at 4 µm per pixel (a 768 µm tile), an
-    8 µm map (``output_stride=2``), a light decoder with channel attention; :meth:`fit` brings its own schedule. At
-    4 µm per pixel the frozen encoder sees tissue architecture, which beat 2 µm per pixel by a wide margin on
-    100 µm spots, even at the same field of view. For bins finer than 8 µm, lower ``um_per_px`` (e.g. 1.0 with
-    ``output_stride=2`` for 2 µm bins).
+    ``bench_recipe.py``): the offline ImageNet EfficientNet-Lite0, frozen, a map at twice the input pixel
+    (``output_stride=2``), a light decoder with channel attention, and a resolution picked by the first :meth:`fit`
+    from the training units (``um_per_px="auto"``): 4 µm per pixel for spots of 50 µm and wider, where the frozen
+    encoder then sees tissue architecture (it beat 2 µm per pixel by a wide margin on 100 µm spots, even at the same
+    field of view), and 2 µm per pixel for finer bins (it beat 4 µm per pixel on 8 µm bins). :meth:`fit` brings its
+    own schedule.
 
     Parameters
     ----------
@@ -82,6 +83,9 @@ class PixNet:
         ``encoder`` pass its weights or ``None``.
     um_per_px
         Micrometres per pixel of the input tiles; slides are resampled to it before prediction and training.
+        ``"auto"``: chosen by the first :meth:`fit` from the median width of the training units (4 for spots of
+        50 µm and wider, 2 for finer bins) and saved with the model; give a number for bins finer than 8 µm (e.g.
+        1.0 for 2 µm bins) or to compare resolutions.
     output_stride
         Input pixels per output pixel: 1 (full resolution), 2, 4, ... (a power of two).
     decoder_channels
@@ -276,7 +280,7 @@ class PixNet:
             raise InputError(msg)
         return self._um_per_px
 
-    def resolve_resolution(self, sections: Sequence[Any]) -> None:
+    def _resolve_resolution(self, sections: Sequence[Any]) -> None:
         """Fix ``um_per_px="auto"`` from the training units (called by the training loop before any tile is read).
 
         Units at least :data:`AUTO_SPOT_UM` wide (spot arrays: ST's 100 µm, Visium's 55 µm) get

@@ -293,7 +293,7 @@ def fit(
         "target_layer": target_layer,
     }
     sections = build_sections(data, genes=list(model.var_names), **build)
-    resolve = getattr(model, "resolve_resolution", None)
+    resolve = getattr(model, "_resolve_resolution", None)
     if callable(resolve):  # PixNet(um_per_px="auto") picks its resolution from the training units
         resolve(sections)
     val_sections = None
