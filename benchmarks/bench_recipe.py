@@ -53,7 +53,16 @@ BASE: dict[str, dict[str, dict[str, Any]]] = {
             "freeze_encoder": True,
             "value_kind": "intensive",
         },
-        "fit": {"max_epochs": 6, "tiles_per_epoch": 48, "batch_size": 8, "lr": 2e-3, "patience": 100},
+        # every setting explicit: PixNet.fit's own defaults (the recipe this search chose) must not leak into a recipe
+        "fit": {
+            "max_epochs": 6,
+            "tiles_per_epoch": 48,
+            "batch_size": 8,
+            "lr": 2e-3,
+            "patience": 100,
+            "lr_schedule": "constant",
+            "select_by": "loss",
+        },
     },
     "spotcnn": {
         "model": {
@@ -63,7 +72,15 @@ BASE: dict[str, dict[str, dict[str, Any]]] = {
             "crop_um": 128.0,
             "stride_um": 100.0,
         },
-        "fit": {"max_epochs": 6, "tiles_per_epoch": 384, "batch_size": 32, "lr": 2e-3, "patience": 100},
+        "fit": {
+            "max_epochs": 6,
+            "tiles_per_epoch": 384,
+            "batch_size": 32,
+            "lr": 2e-3,
+            "patience": 100,
+            "lr_schedule": "constant",
+            "select_by": "loss",
+        },
     },
 }
 
@@ -77,7 +94,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     ),
     "pixnet_4um": (
         "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc"},
-        "4 µm/px: a 768 µm tile (about 15 spots of a 200 µm array instead of 4)",
+        "4 µm/px (cosine, PCC selection): a 768 µm tile, about 15 spots of a 200 µm array instead of 4",
     ),
     "pixnet_finetune": (
         "pixnet", {"freeze_encoder": 2}, {"lr_schedule": "cosine", "select_by": "pcc", "encoder_lr": 2e-4},
@@ -91,20 +108,20 @@ RECIPES: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     ),
     "pixnet_4um_long": (
         "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12},
-        "4 µm/px, twice the epochs",
+        "4 µm/px, cosine, PCC selection, twice the epochs",
     ),
     "pixnet_4um_lr5e-3": (
         "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "lr": 5e-3},
-        "4 µm/px, a higher peak learning rate",
+        "4 µm/px, cosine, PCC selection, peak learning rate 5e-3",
     ),
     "pixnet_4um_finetune": (
         "pixnet", {"um_per_px": 4.0, "freeze_encoder": 2},
         {"lr_schedule": "cosine", "select_by": "pcc", "encoder_lr": 2e-4},
-        "4 µm/px, the last 2 encoder blocks fine-tuned at a tenth of the learning rate",
+        "4 µm/px, cosine, PCC selection, the last 2 encoder blocks fine-tuned at a tenth of the learning rate",
     ),
     "pixnet_8um": (
         "pixnet", {"um_per_px": 8.0}, {"lr_schedule": "cosine", "select_by": "pcc"},
-        "8 µm/px: a 1.5 mm tile (about 50 spots)",
+        "8 µm/px (cosine, PCC selection): a 1.5 mm tile, about 50 spots",
     ),
     "pixnet_4um_long_lr5e-3": (
         "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12, "lr": 5e-3},
