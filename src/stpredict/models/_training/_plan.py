@@ -177,7 +177,9 @@ def _lightning_classes() -> tuple[type, type]:
             self.log("val_loss", self._total_loss(pairs, ref), prog_bar=True, sync_dist=True)
             # PCC@M over all validation units (mean over tables of the gene-wise PCC): what the benchmarks score
             pccs = [1.0 - pearson_loss(p.float(), t.float()) for p, t in pairs if t.shape[0] > 1]
-            val_pcc = torch.stack(pccs).mean() if pccs else torch.tensor(float("nan"), device=self.device)
+            # no table with two validation units: an undefined PCC counts as -1 (the published policy), not NaN,
+            # which would stop a select_by="pcc" fit at once
+            val_pcc = torch.stack(pccs).mean() if pccs else torch.tensor(-1.0, device=self.device)
             self.log("val_pcc", val_pcc, sync_dist=True)
             self._val_pairs = [[] for _ in range(self.n_tables)]
 
