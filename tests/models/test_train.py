@@ -309,3 +309,7 @@ def test_fit_rejects_unknown_schedules_and_learning_rates(sdata) -> None:
         fit(model, sdata, select_by="r2", **FAST)
     with pytest.raises(InputError, match="encoder_lr must be a positive"):
         fit(model, sdata, encoder_lr=-1e-4, **FAST)
+    # numpy numbers are numbers, and the record stays JSON (checkpoints write it)
+    fit(model, sdata, lr=np.float32(1e-3), encoder_lr=np.float32(1e-4), max_epochs=0, **FAST)
+    assert type(model.fit_params["lr"]) is float
+    assert type(model.fit_params["encoder_lr"]) is float

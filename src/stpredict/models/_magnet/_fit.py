@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -156,7 +157,7 @@ def fit_magnet(
     if encoder_lr is None:
         encoder_lr = lr if model.faithful else lr * ENCODER_LR_FACTOR
     for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
             msg = f"{name} must be a positive learning rate, got {value!r}."
             raise InputError(msg)
     normalization = _target_normalization(data, table_key, target_layer)
@@ -224,8 +225,8 @@ def fit_magnet(
         "window_cells": window_cells,
         "batch_bins": batch_bins,
         "optimizer": optimizer,
-        "lr": lr,
-        "encoder_lr": encoder_lr,
+        "lr": float(lr),
+        "encoder_lr": float(encoder_lr),
         "weight_decay": weight_decay,
         "loss_weights": list(loss_weights),
         "augment": augment,

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import math
+import numbers
 import textwrap
 import warnings
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -274,7 +275,7 @@ def fit(
         msg = f"select_by must be 'loss' or 'pcc', got {select_by!r}."
         raise InputError(msg)
     for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
-        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
             msg = f"{name} must be a positive learning rate, got {value!r}."
             raise InputError(msg)
     if target_layer is not None and loss != "paper":
@@ -391,8 +392,8 @@ def fit(
         "epochs_run": len(history["train_loss"]),
         "batch_size": batch_size,
         "tiles_per_epoch": tiles_per_epoch,
-        "lr": lr,
-        "encoder_lr": encoder_lr,
+        "lr": float(lr),
+        "encoder_lr": None if encoder_lr is None else float(encoder_lr),
         "lr_schedule": lr_schedule,
         "weight_decay": weight_decay,
         "augment": augment,
