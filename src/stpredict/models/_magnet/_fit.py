@@ -8,8 +8,6 @@ the loss (``0.75 · MSE + 0.10 · (1 − PCC)`` over every validation bin at onc
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,9 +20,11 @@ from stpredict.models._training._fit import (
     _default_precision,
     _quiet_lightning,
     _target_normalization,
+    check_learning_rates,
     resolve_accelerator,
     train_plan,
 )
+from stpredict.models._training._plan import encoder_param_groups
 
 from ._data import WindowDataset, epoch_callback, prepare_sections
 from ._loss import LossWeights, magnet_loss, pcc_loss
@@ -91,12 +91,9 @@ def _plan_class() -> type:
 
         def configure_optimizers(self) -> Any:
             cfg = self.optimizer_cfg
-            encoder = {id(p) for p in self.module.bin_encoder.parameters()}
-            trainable = [p for p in self.module.parameters() if p.requires_grad]
-            params = [
-                {"params": [p for p in trainable if id(p) not in encoder], "lr": cfg["lr"]},
-                {"params": [p for p in trainable if id(p) in encoder], "lr": cfg.get("encoder_lr", cfg["lr"])},
-            ]
+            params = encoder_param_groups(
+                self.module.parameters(), self.module.bin_encoder, lr=cfg["lr"], encoder_lr=cfg.get("encoder_lr")
+            )
             if cfg["name"] == "sgd":  # the paper: SGD, momentum 0.9, poly schedule (SPEC §3.9)
                 opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
                 total = max(1, int(cfg["total_steps"]))
@@ -156,10 +153,7 @@ def fit_magnet(
     lr = lr if lr is not None else (0.005 if optimizer == "sgd" else 3e-4)
     if encoder_lr is None:
         encoder_lr = lr if model.faithful else lr * ENCODER_LR_FACTOR
-    for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
-        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
-            msg = f"{name} must be a positive learning rate, got {value!r}."
-            raise InputError(msg)
+    check_learning_rates(lr=lr, encoder_lr=encoder_lr)
     normalization = _target_normalization(data, table_key, target_layer)
     if model.normalization is not None and model.fit_history and model.normalization != normalization:
         logger.warning("MagNet.fit: the targets' normalisation differs from the one the model was trained on.")

@@ -64,6 +64,14 @@ def resolve_accelerator(device: str) -> tuple[str, Any]:
     return ("cuda" if kind == "gpu" else kind), ([int(index)] if index else "auto")
 
 
+def check_learning_rates(**rates: float | None) -> None:
+    """Refuse a learning rate (given by keyword, ``None`` for "not set") that is not a positive finite number."""
+    for name, value in rates.items():
+        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+            msg = f"{name} must be a positive learning rate, got {value!r}."
+            raise InputError(msg)
+
+
 def _default_precision(accelerator: str) -> str:
     import torch
 
@@ -274,10 +282,7 @@ def fit(
     if select_by not in ("loss", "pcc"):
         msg = f"select_by must be 'loss' or 'pcc', got {select_by!r}."
         raise InputError(msg)
-    for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
-        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
-            msg = f"{name} must be a positive learning rate, got {value!r}."
-            raise InputError(msg)
+    check_learning_rates(lr=lr, encoder_lr=encoder_lr)
     if target_layer is not None and loss != "paper":
         msg = "target_layer names normalised targets (loss='paper'); poisson/nb losses use the raw counts in X."
         raise InputError(msg)

@@ -20,6 +20,8 @@ from stpredict.models._footprints import aggregate_map
 from stpredict.models._losses import nb_nll, paper_loss, pearson_loss, poisson_nll
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize_tiles"]
@@ -35,6 +37,24 @@ def normalize_tiles(tiles: Any) -> Any:
     mean = torch.tensor(IMAGENET_MEAN, device=tiles.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=tiles.device).view(1, 3, 1, 1)
     return (tiles.float() / 255.0 - mean) / std
+
+
+def encoder_param_groups(
+    params: Iterable[torch.nn.Parameter], encoder: Any, *, lr: float, encoder_lr: float | None
+) -> list[dict[str, Any]]:
+    """Optimiser groups of the trainable ``params``: the encoder's at ``encoder_lr``, the rest at ``lr``.
+
+    ``encoder`` is a module or ``None``; ``encoder_lr=None`` means ``lr``. A group without parameters is left out.
+    """
+    import torch
+
+    inside = {id(p) for p in encoder.parameters()} if isinstance(encoder, torch.nn.Module) else set()
+    trainable = [p for p in params if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in inside], "lr": lr},
+        {"params": [p for p in trainable if id(p) in inside], "lr": lr if encoder_lr is None else encoder_lr},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 @functools.cache
@@ -187,12 +207,7 @@ def _lightning_classes() -> tuple[type, type]:
             # the pretrained part: PixNet's `encoder`, a crop regressor's `backbone`
             encoder = getattr(self.module, "encoder", None)
             encoder = getattr(self.module, "backbone", None) if encoder is None else encoder
-            enc_ids = {id(p) for p in encoder.parameters()} if isinstance(encoder, torch.nn.Module) else set()
-            head = [p for p in self.parameters() if p.requires_grad and id(p) not in enc_ids]
-            enc = [p for p in self.parameters() if p.requires_grad and id(p) in enc_ids]
-            groups = [{"params": head, "lr": self.lr}]
-            if enc:
-                groups.append({"params": enc, "lr": self.lr if self.encoder_lr is None else self.encoder_lr})
+            groups = encoder_param_groups(self.parameters(), encoder, lr=self.lr, encoder_lr=self.encoder_lr)
             opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
             if self.lr_schedule == "constant":
                 return opt
