@@ -8,6 +8,10 @@ Usage::
     python benchmarks/bench_magnet.py --seeds 3 --reuse pixnet,spotcnn,embedding_ridge   # refit the MagNets only
     python benchmarks/bench_magnet.py --models pixnet --pixnet-defaults \
         --out benchmarks/results/magnet_pixnet_defaults.json
+    python benchmarks/bench_magnet.py --seeds 3 --magnet-budget long --train-um 8 \
+        --models magnet,pixnet,spotcnn,embedding_ridge --reuse pixnet,spotcnn,embedding_ridge \
+        --reuse-from benchmarks/results/magnet.json \
+        --out benchmarks/results/magnet_long.json        # MagNet with three times the steps, in-scale rows only
 
 Protocol (the protocol of ``bench_models.py``, on Visium HD bins):
 
@@ -81,6 +85,18 @@ CPU_BUDGET: dict[str, Any] = {
         "validation_tiles": 256,
     },
     "ridge_fit": {"max_units": 1500, "n_components": 32},
+}
+#: ``--magnet-budget long``: three times MagNet's steps (at the CPU budget its best epoch was always the last and its
+#: validation loss still falling, while SpotCNN's best epoch came before its last).
+MAGNET_LONG: dict[str, Any] = {"max_epochs": 24, "batches_per_epoch": 8, "patience": 6}
+#: The settings each model's results depend on, beside the data's (``--reuse`` compares only these).
+DATA_KEYS = ("section_um", "val_section_um", "image_um_per_px", "n_genes", "mean_counts_per_um2", "tissue_seed")
+MODEL_KEYS = {
+    "magnet": ("magnet", "magnet_fit"),
+    "magnet_faithful": ("magnet", "magnet_fit"),
+    "pixnet": ("pixnet", "pixnet_fit"),
+    "spotcnn": ("crop", "spotcnn_fit"),
+    "embedding_ridge": ("crop", "ridge_fit"),
 }
 #: ``--quick``: a smoke run of the whole pipeline (about 10 minutes on one busy core).
 QUICK: dict[str, Any] = {
@@ -218,7 +234,9 @@ def _score(test: Any, map_key: str, refs: dict[float, Any], genes: list[str]) ->
 
 
 # ------------------------------------------------------------------------------------------------ one seed
-def run_seed(cfg: dict[str, Any], models: list[str], seed: int, base_seed: int) -> dict[str, Any]:
+def run_seed(
+    cfg: dict[str, Any], models: list[str], seed: int, base_seed: int, protocol: tuple = PROTOCOL
+) -> dict[str, Any]:
     import stpredict as st
 
     t = time.perf_counter()
@@ -230,7 +248,7 @@ def run_seed(cfg: dict[str, Any], models: list[str], seed: int, base_seed: int) 
     print(f"[seed {seed}] data {data_s:.1f} s; bins {n_bins}", flush=True)
     core_tiles = math.ceil(cfg["section_um"] / 128.0)
     rows, per_gene, fits = [], {}, {}
-    for bin_um, scales in PROTOCOL:
+    for bin_um, scales in protocol:
         key = _table_key(bin_um)
         st.pp.normalize(train.tables[key], method="prop_log")
         params = train.tables[key].uns["stpredict"]["normalize"]["prop_log"]
@@ -262,7 +280,9 @@ def run_seed(cfg: dict[str, Any], models: list[str], seed: int, base_seed: int) 
 
 
 # ------------------------------------------------------------------------------------------------ summary
-def _summarise(per_seed: list[dict[str, Any]], models: list[str]) -> tuple[list[dict], list[dict]]:
+def _summarise(
+    per_seed: list[dict[str, Any]], models: list[str], protocol: tuple = PROTOCOL
+) -> tuple[list[dict], list[dict]]:
     import pandas as pd
     from scipy.stats import wilcoxon
 
@@ -277,7 +297,7 @@ def _summarise(per_seed: list[dict[str, Any]], models: list[str]) -> tuple[list[
             rec[f"{m}_sd"] = float(row[(m, "std")]) if len(per_seed) > 1 else float("nan")
         summary.append(rec)
     comparisons = []
-    for bin_um, scales in PROTOCOL:
+    for bin_um, scales in protocol:
         for b in scales:
             for kind in ("measured", "truth"):
                 ref_key = f"{REFERENCE}|{bin_um:g}|{b:g}|{kind}"
@@ -323,10 +343,12 @@ def _fmt(mean: float, sd: float) -> str:
     return f"{mean:.3f}" if not math.isfinite(sd) else f"{mean:.3f}±{sd:.3f}"
 
 
-def _print_table(summary: list[dict], comparisons: list[dict], per_seed: list[dict], models: list[str]) -> str:
+def _print_table(
+    summary: list[dict], comparisons: list[dict], per_seed: list[dict], models: list[str], protocol: tuple = PROTOCOL
+) -> str:
     n = len(per_seed)
     lines = [f"mean ± sd over {n} seed(s); prop_log space of the training scale; spot_pcc is NOT comparable to PCC@M"]
-    for bin_um, scales in PROTOCOL:
+    for bin_um, scales in protocol:
         for b in scales:
             for kind in ("measured", "truth"):
                 lines.append(f"\ntrained {bin_um:g} µm → scored {b:g} µm vs {kind}")
@@ -360,9 +382,12 @@ def _reusable(path: Path, cfg: dict[str, Any], models: list[str], base_seed: int
     if not path.is_file():
         sys.exit(f"--reuse: {path} does not exist")
     old = json.loads(path.read_text())
-    old_cfg = {k: v for k, v in (old.get("config") or {}).items() if k in CPU_BUDGET}
-    if json.loads(json.dumps(cfg, default=str)) != old_cfg or old["config"].get("base_seed", 0) != base_seed:
-        sys.exit(f"--reuse: {path} was run with another configuration or base seed; refit every model")
+    keys = set(DATA_KEYS).union(*(MODEL_KEYS[m] for m in models))  # the data's and the reused models' settings
+    mine = {k: v for k, v in json.loads(json.dumps(cfg, default=str)).items() if k in keys}
+    theirs = {k: v for k, v in (old.get("config") or {}).items() if k in keys}
+    if mine != theirs or old["config"].get("base_seed", 0) != base_seed:
+        sys.exit(f"--reuse: {path} was run with other data or other settings of {models}, or another base seed; "
+                 "refit them")  # fmt: skip
     out = {}
     for r in old.get("per_seed", []):
         have = {tag.split("@")[0] for tag in r.get("fits", {})}
@@ -371,16 +396,17 @@ def _reusable(path: Path, cfg: dict[str, Any], models: list[str], base_seed: int
     return out
 
 
-def _merge(old: dict[str, Any], new: dict[str, Any], reuse: list[str]) -> dict[str, Any]:
-    """``new`` with the rows, per-gene PCCs and fits of the ``reuse`` models taken from ``old`` (same seed)."""
+def _merge(old: dict[str, Any], new: dict[str, Any], reuse: list[str], train_um: list[float]) -> dict[str, Any]:
+    """``new`` with the rows, per-gene PCCs and fits of the ``reuse`` models at ``train_um`` from ``old`` (one seed)."""
     if old["genes"] != new["genes"]:
         sys.exit("--reuse: the earlier run selected other genes for this seed; refit every model")
 
     def mine(key: str) -> bool:  # "spotcnn@8" or "spotcnn|8|16|truth"
-        return key.split("|")[0].split("@")[0] in reuse
+        model, scale = (key.split("@") + [""])[:2] if "@" in key else key.split("|")[:2]
+        return model in reuse and float(scale) in train_um
 
     merged = dict(new)
-    merged["rows"] = new["rows"] + [r for r in old["rows"] if r["model"] in reuse]
+    merged["rows"] = new["rows"] + [r for r in old["rows"] if r["model"] in reuse and r["train_um"] in train_um]
     merged["per_gene_pcc"] = new["per_gene_pcc"] | {k: v for k, v in old["per_gene_pcc"].items() if mine(k)}
     merged["fits"] = new["fits"] | {k: v for k, v in old["fits"].items() if mine(k)}
     merged["reused"] = {"models": reuse, "from": old.get("source")}
@@ -422,6 +448,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--reuse-from", type=Path, default=None, help="JSON of an earlier run (default: --out)")
     p.add_argument(
+        "--magnet-budget",
+        choices=("cpu", "long"),
+        default="cpu",
+        help=f"MagNet's fit budget: CPU_BUDGET's (8 epochs of 8 windows) or long {MAGNET_LONG}",
+    )
+    p.add_argument(
+        "--train-um",
+        default="8,16",
+        help="training bin sizes to run (8: the in-scale rows only; 16: the cross-scale rows only)",
+    )
+    p.add_argument(
         "--pixnet-defaults",
         action="store_true",
         help="PixNet as a user gets it: st.models.PixNet(genes) and fit's defaults (not the CPU_BUDGET settings)",
@@ -434,6 +471,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = {**CPU_BUDGET, **(QUICK if args.quick else {})}
     if args.pixnet_defaults:
         cfg |= {"pixnet": "defaults", "pixnet_fit": "defaults"}
+    if args.magnet_budget == "long":
+        cfg |= {"magnet_fit": MAGNET_LONG}
+    train_um = [float(b) for b in args.train_um.split(",") if b]
+    if set(train_um) - {b for b, _ in PROTOCOL}:
+        p.error(f"--train-um must be among {[b for b, _ in PROTOCOL]}, got {train_um}")
+    protocol = tuple((b, s) for b, s in PROTOCOL if b in train_um)
 
     import torch
 
@@ -454,16 +497,16 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if reuse and s not in earlier:
             sys.exit(f"--reuse: seed {s} is not in {args.reuse_from or args.out}; run without --reuse")
-        rec = run_seed(cfg, [m for m in models if m not in reuse], s, args.seed)
+        rec = run_seed(cfg, [m for m in models if m not in reuse], s, args.seed, protocol)
         if reuse:
-            rec = _merge(earlier[s], rec, reuse)
+            rec = _merge(earlier[s], rec, reuse, train_um)
         per_seed.append(rec)
         # kept if a later seed does not finish
         partial = {"partial": True, "config": cfg, "base_seed": args.seed, "per_seed": per_seed}
         args.out.write_text(json.dumps(partial, indent=2, default=str))
-    summary, comparisons = _summarise(per_seed, models)
+    summary, comparisons = _summarise(per_seed, models, protocol)
     print()
-    table = _print_table(summary, comparisons, per_seed, models)
+    table = _print_table(summary, comparisons, per_seed, models, protocol)
     total = round(time.perf_counter() - t0, 2)
     result = {
         "benchmark": "magnet (issue #13)",
@@ -475,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
             "section_seeds": "base + 10 · seed + (1, 2, 3) for train / val / test",
             "model_seed": "base + seed",
             "models": models,
-            "protocol": [{"train_um": b, "eval_um": list(s)} for b, s in PROTOCOL],
+            "protocol": [{"train_um": b, "eval_um": list(s)} for b, s in protocol],
             "layout": "visium_hd 8 µm bins; 16 and 55 µm by st.pp.bin_counts",
             "normalization": "prop_log fitted on the training table of the training scale, applied to all tables",
             "truth": "images['truth'] summed over the measured bins (expected counts), normalised like the counts",

@@ -114,8 +114,11 @@ def _build_models(args: argparse.Namespace, genes: list[str]) -> dict[str, Any]:
     }
 
 
-def _fit(name: str, cls: Any, kwargs: dict[str, Any], genes: list[str], train: Any, val: Any, args: argparse.Namespace):
-    """Build and train one model; returns (model, seconds, fit record)."""
+def _fit(
+    name: str, cls: Any, kwargs: dict[str, Any], genes: list[str], train: Any, val: Any, args: argparse.Namespace,
+    extra_fit: dict[str, Any] | None = None,
+):  # fmt: skip
+    """Build and train one model; returns (model, seconds, fit record). ``extra_fit`` overrides the fit flags."""
     t0 = time.perf_counter()
     model = cls(genes, **kwargs)
     common = {"seed": args.seed, "show_progress_bar": False}
@@ -135,6 +138,7 @@ def _fit(name: str, cls: Any, kwargs: dict[str, Any], genes: list[str], train: A
             fit_kw["loss"] = args.density_loss
         else:
             fit_kw["target_layer"] = "log1p_cpm"
+        fit_kw |= extra_fit or {}
         model.fit(train, **fit_kw, **common)
     seconds = time.perf_counter() - t0
     hist = getattr(model, "fit_history", {}) or {}

@@ -16,12 +16,16 @@ Folds (every model trained on identical data, selected by the same validation se
 * her2st ``lopo_C``: train C2, C3, C4, validate C5 (all of patient C) → test A1, A2 (a new patient).
 * her2st ``lopo_A``: train A1, A2 (all of patient A; no third section to validate on, so the best epoch is chosen
   by training loss, as ``bench_models.py`` does without ``--val``) → test C2, C3, C4, C5.
+* her2st A2 is read through a registered spot grid (``_registration.py``): its shipped coordinates miss the tissue
+  of its render (rotated about 5° and shifted by about three spot pitches), and every model scored ≈ 0 on it.
 * stutility_mob (one mouse): ``heldout``: train MOB1, validate MOB2, test MOB3. Leave-one-patient-out is skipped:
   the three sections come from one animal. Spot diameter 100 µm (the ST array's; the data do not record it).
 
-Models: the mean map, EmbeddingRidge and SpotCNN with the budget flags below, and PixNet as a user gets it,
-``st.models.PixNet(genes)`` with ``fit``'s defaults (the recipe ``bench_recipe.py`` measured;
-``--pixnet-recipe protocol`` gives it the budget flags instead, as before 2026-12-06).
+Models: the mean map and EmbeddingRidge with the budget flags below; SpotCNN with them and its own best schedule
+from ``bench_recipe.py`` (``--spotcnn-recipe long``: cosine, best epoch by validation PCC, 12 epochs;
+``base`` keeps the flags); and PixNet as a user gets it, ``st.models.PixNet(genes)`` with ``fit``'s
+defaults (the recipe ``bench_recipe.py`` measured; ``--pixnet-recipe protocol`` gives it the budget flags instead,
+as before 2026-12-06).
 
 Per fold, genes are the ``--genes`` top genes by mean raw count on the fold's training sections
 (``st.pp.select_genes(method="mean")``, SPEC's ``fit_on="train"``; the ST-Net convention), zero-filled where a
@@ -62,8 +66,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _protocol_uncertainty import format_ensembles, save_spot_predictions, score_ensembles, spots_dir
+from _registration import registered_folder
 from bench_models import ConstantMap, _build_models, _fit, _mean_target, _score_spots  # the shared model settings
 
+#: SpotCNN's schedules (``--spotcnn-recipe``): ``long`` won ``bench_recipe.py``'s validation (spotcnn_long).
+SPOTCNN_RECIPES = {"base": {}, "long": {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12}}
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 MODELS = ("mean_map", "embedding_ridge", "spotcnn", "pixnet")
@@ -72,7 +79,7 @@ METRICS = ("pcc_m", "pcc_s", "pcc_f", "mse")
 RESULT_KEYS = (
     "dataset", "genes", "seed", "epochs", "tiles_per_epoch", "crops_per_epoch", "batch_size", "crop_batch_size", "lr",
     "patience", "max_units", "um_per_px", "tile_size", "output_stride", "decoder_channels", "crop_um", "stride_um",
-    "n_components", "quick", "map_dtype", "pixnet_recipe",
+    "n_components", "quick", "map_dtype", "pixnet_recipe", "spotcnn_recipe",
 )  # fmt: skip
 
 
@@ -99,6 +106,8 @@ class Dataset:
     read_kwargs: dict[str, Any] = field(default_factory=dict)
     patient: dict[str, str] = field(default_factory=dict)
     skipped: str = ""
+    #: Sections whose shipped spot coordinates miss the tissue: read with a registered grid (``_registration.py``).
+    register: tuple[str, ...] = ()
 
 
 _QUICK = "quick check of the fold loop (2 sections), not a patient split"
@@ -107,6 +116,7 @@ DATASETS = {
         folder="her2st",
         sections=["A1", "A2", "C2", "C3", "C4", "C5"],
         patient={s: s[0] for s in ("A1", "A2", "C2", "C3", "C4", "C5")},
+        register=("A2",),
         folds=[
             Fold("heldout", "held-out sections of training patients", ["A1", "C2", "C3"], ["C5"], ["A2", "C4"]),
             Fold("lopo_C", "leave-one-patient-out (train C → test A)", ["C2", "C3", "C4"], ["C5"], ["A1", "A2"]),
@@ -159,6 +169,8 @@ class EmbeddingCache:
 CACHE = EmbeddingCache()
 #: The raw (all genes, counts) table of each section read, by ``id`` of its SpatialData; fold tables replace it.
 RAW_TABLES: dict[int, Any] = {}
+#: The registration record of each section read through a registered spot grid (written into the JSON).
+REGISTRATIONS: dict[str, dict[str, Any]] = {}
 _RIDGE_CLASS: list[type] = []
 
 
@@ -234,8 +246,17 @@ def read_sections(ds: Dataset, names: list[str], timings: dict[str, float]) -> d
     kwargs = dict(ds.read_kwargs)
     if "gene_symbols" in kwargs:
         kwargs["gene_symbols"] = DATA / ds.folder / kwargs["gene_symbols"]
+    folders = {n: DATA / ds.folder / n for n in names}
     t = time.perf_counter()
-    out = {n: st.io.read_st(DATA / ds.folder / n, section=n, patient=ds.patient.get(n), **kwargs) for n in names}
+    for n in (n for n in names if n in ds.register):
+        folders[n], REGISTRATIONS[n] = registered_folder(folders[n], REPO / ".cache" / "registered" / ds.folder)
+        r = REGISTRATIONS[n]
+        print(f"{n}: spot grid registered to the tissue (IoU {r['iou_shipped']:.3f} → {r['iou_registered']:.3f}, "
+              f"rotation {r['params']['rotation_deg']:.1f}°, spots moved {r['shift_px_median']:.0f} px median)",
+              flush=True)  # fmt: skip
+    timings["register"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    out = {n: st.io.read_st(folders[n], section=n, patient=ds.patient.get(n), **kwargs) for n in names}
     timings["read"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     for sd in out.values():
@@ -298,7 +319,8 @@ def run_entry(
         cls, kw = _build_models(ns, genes)[name]
         if name == "embedding_ridge":
             cls = cached_ridge_class()
-        model, _, rec = _fit(name, cls, kw, genes, train, val, ns)
+        extra = SPOTCNN_RECIPES[args.spotcnn_recipe] if name == "spotcnn" else None
+        model, _, rec = _fit(name, cls, kw, genes, train, val, ns, extra)
     rec.pop("values", None)
     tests = {}
     for tn in fold.test:
@@ -468,7 +490,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["normalise_s"] = round(time.perf_counter() - t, 2)
     result = {"benchmark": "protocol (issue 14 item 1)", "partial": True, "config": config, "n_spots": spots,
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": _machine(),
-              "timings_s": timings, "previous_runs": previous, "entries": entries}  # fmt: skip
+              "timings_s": timings, "registration": REGISTRATIONS, "previous_runs": previous,
+              "entries": entries}  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="bench_protocol_"))
     try:
         for seed, fold, name in itertools.product(range(args.seeds), folds, args.models):
@@ -542,6 +565,13 @@ def main(argv: list[str] | None = None) -> None:
         help="PixNet as st.models.PixNet(genes) + fit's defaults (the measured recipe), or with the protocol's "
         "budget flags above (--um-per-px, --epochs, ..., as SpotCNN)",
     )
+    p.add_argument(
+        "--spotcnn-recipe",
+        choices=tuple(SPOTCNN_RECIPES),
+        default=None,
+        help="SpotCNN with the budget flags (base; quick's default) or its validation-best schedule from "
+        "bench_recipe.py (long, the default: cosine, best epoch by validation PCC, 12 epochs)",
+    )
     args = p.parse_args(argv)
     q = args.quick
     defaults = {
@@ -551,6 +581,7 @@ def main(argv: list[str] | None = None) -> None:
         "tiles_per_epoch": 4 if q else 48,
         "crops_per_epoch": 32 if q else 384,
         "max_units": 300 if q else 20000,
+        "spotcnn_recipe": "base" if q else "long",
         "um_per_px": 4.0 if q else 2.0,  # quick: 4x fewer pixels to predict (it checks the script, not the models)
     }
     for k, v in defaults.items():

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import _score_spots
-from bench_protocol import DATASETS, _machine, _write, fold_tables, read_sections
+from bench_protocol import DATASETS, REGISTRATIONS, _machine, _write, fold_tables, read_sections
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,6 +130,52 @@ RECIPES: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "pixnet_4um_long_constant": (
         "pixnet", {"um_per_px": 4.0}, {"max_epochs": 12},
         "4 µm/px, twice the epochs, constant learning rate and selection by validation loss (is cosine + PCC needed?)",
+    ),
+    "pixnet_4um_e24": (
+        "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 24},
+        "the default recipe (4 µm/px, cosine, PCC selection) with 24 epochs of 48 tiles instead of 12",
+    ),
+    "pixnet_4um_t96": (
+        "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12,
+                                       "tiles_per_epoch": 96},
+        "the default recipe with 12 epochs of 96 tiles instead of 48",
+    ),
+    "pixnet_4um_e24_t96": (
+        "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 24,
+                                       "tiles_per_epoch": 96},
+        "the default recipe with four times the steps (24 epochs of 96 tiles)",
+    ),
+    "pixnet_4um_long_finetune": (
+        "pixnet", {"um_per_px": 4.0, "freeze_encoder": 2},
+        {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12, "encoder_lr": 2e-4},
+        "the default recipe, the last 2 encoder blocks fine-tuned at a tenth of the learning rate",
+    ),
+    "pixnet_4um_long_unfrozen": (
+        "pixnet", {"um_per_px": 4.0, "freeze_encoder": False},
+        {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12, "encoder_lr": 2e-4},
+        "the default recipe, the whole encoder trained at a tenth of the learning rate (as SpotCNN's backbone is)",
+    ),
+    "pixnet_4um_e24_lr5e-3": (
+        "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 24, "lr": 5e-3},
+        "the default recipe with 24 epochs and a peak learning rate of 5e-3",
+    ),
+    "pixnet_4um_long_lr1e-2": (
+        "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12, "lr": 1e-2},
+        "the default recipe with a peak learning rate of 1e-2",
+    ),
+    "pixnet_4um_long_b4": (
+        "pixnet", {"um_per_px": 4.0}, {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12, "batch_size": 4},
+        "the default recipe with batches of 4 tiles (twice the optimiser steps for the same tiles)",
+    ),
+    "pixnet_4um_long_b4_lr5e-3": (
+        "pixnet", {"um_per_px": 4.0},
+        {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12, "batch_size": 4, "lr": 5e-3},
+        "the default recipe with batches of 4 tiles and a peak learning rate of 5e-3",
+    ),
+    "pixnet_4um_long_unfrozen_lr": (
+        "pixnet", {"um_per_px": 4.0, "freeze_encoder": False},
+        {"lr_schedule": "cosine", "select_by": "pcc", "max_epochs": 12, "encoder_lr": 2e-3},
+        "the default recipe, the whole encoder trained at the full learning rate (as SpotCNN's backbone is)",
     ),
     "pixnet_2um_tile384": (
         "pixnet", {"tile_size": 384}, {"lr_schedule": "cosine", "select_by": "pcc", "tiles_per_epoch": 12,
@@ -275,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     secs = read_sections(ds, list(dict.fromkeys(fold.train + fold.val + fold.test)), timings)
     genes, tables = fold_tables(fold, secs, args.genes)
     result: dict[str, Any] = {
+        "registration": REGISTRATIONS,
         "benchmark": "bench_recipe", "dataset": args.dataset, "fold": fold.name, "train": fold.train,
         "val": fold.val, "test": fold.test, "genes_n": args.genes, "base": BASE,
         "recipes": {r: {"family": RECIPES[r][0], "model": RECIPES[r][1], "fit": RECIPES[r][2], "what": RECIPES[r][3]}
