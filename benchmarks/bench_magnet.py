@@ -402,7 +402,7 @@ def _merge(old: dict[str, Any], new: dict[str, Any], reuse: list[str], train_um:
         sys.exit("--reuse: the earlier run selected other genes for this seed; refit every model")
 
     def mine(key: str) -> bool:  # "spotcnn@8" or "spotcnn|8|16|truth"
-        model, scale = (key.split("@") + [""])[:2] if "@" in key else key.split("|")[:2]
+        model, scale = key.split("@") if "@" in key else key.split("|")[:2]
         return model in reuse and float(scale) in train_um
 
     merged = dict(new)

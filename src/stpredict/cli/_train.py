@@ -47,9 +47,6 @@ EXAMPLES = """\
       max_epochs: 30
       batch_size: 8"""
 
-#: Defaults of this command that differ from the class's (none: the classes' defaults are the measured recipes).
-_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"pixnet": {}, "magnet": {}}
-
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Register ``train`` on the sub-command parser ``sub``."""
@@ -152,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out, overwrite=args.overwrite)
 
-    model_kwargs = {**_MODEL_DEFAULTS[args.model], **config["model"]}
+    model_kwargs = dict(config["model"])  # the classes' own defaults are the measured recipes
     fit_kwargs = dict(config["fit"])
     overrides = {"image_key": args.image, "table_key": args.table, "max_epochs": args.max_epochs,
                  "seed": args.seed, "device": args.device}  # fmt: skip
